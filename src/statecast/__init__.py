@@ -1,0 +1,47 @@
+"""statecast: keep many clients exactly in sync with a changing state.
+
+A server holds collections of JSON records; clients get a consistent snapshot, then
+every later change, with no gap and no duplicate. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+from statecast.config import Config
+from statecast.errors import (
+    BadRequest,
+    ConfigError,
+    Forbidden,
+    InternalError,
+    ProtocolError,
+    ResyncRequired,
+    ServerStateError,
+    ShuttingDown,
+    SlowConsumer,
+    StatecastError,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
+from statecast.protocol import PROTOCOL_VERSION, Change
+from statecast.server import Server, __version__
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "BadRequest",
+    "Change",
+    "Config",
+    "ConfigError",
+    "Forbidden",
+    "InternalError",
+    "ProtocolError",
+    "ResyncRequired",
+    "Server",
+    "ServerStateError",
+    "ShuttingDown",
+    "SlowConsumer",
+    "StatecastError",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
+    "__version__",
+]

@@ -1,0 +1,60 @@
+"""Every setting of a server, with its default, in one typed object.
+
+The command line (``statecast serve --max-pending ...``) and the environment
+(``STATECAST_MAX_PENDING=...``) map one to one onto these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from statecast.errors import ConfigError
+
+__all__ = ["Config"]
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    # Network
+    host: str = "127.0.0.1"
+    port: int = 8989  # 0 picks a free port (tests)
+
+    # State
+    store: str = "memory"  # "memory"; durable stores come later
+    retain: int = 1_000_000  # changes kept for resume (§3.2)
+
+    # Limits
+    max_pending: int = 8 * MiB  # output bytes waiting for one subscriber (§7)
+    max_line: int = 1 * MiB  # longest request line (§1)
+
+    # Timeouts
+    heartbeat: float | None = 10.0  # seconds of silence before a heartbeat; None: off
+    shutdown_grace: float = 5.0  # seconds for output to drain on shutdown (§8)
+
+    # Extras
+    demo: bool = False  # run the trading-desk demo producers
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, not {self.port}")
+        if self.store != "memory":
+            raise ConfigError(f"unknown store {self.store!r}: use 'memory'")
+        if self.retain < 0:
+            raise ConfigError(f"retain must be >= 0, not {self.retain}")
+        if self.max_pending < 64 * 1024:
+            raise ConfigError(f"max_pending must be at least 65536 bytes, not {self.max_pending}")
+        if self.max_line < 1024:
+            raise ConfigError(f"max_line must be at least 1024 bytes, not {self.max_line}")
+        if self.heartbeat is not None and self.heartbeat <= 0:
+            raise ConfigError(f"heartbeat must be > 0 seconds (or None), not {self.heartbeat}")
+        if self.shutdown_grace < 0:
+            raise ConfigError(f"shutdown_grace must be >= 0, not {self.shutdown_grace}")
+
+    def replace(self, **changes: object) -> Config:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,340 @@
+"""Wire protocol v1: request parsing and frame encoding, with no I/O.
+
+Everything here takes bytes or plain values and returns bytes or plain values;
+the transports (``server.py`` and later the WebSocket endpoint) only move them.
+Section numbers (§) refer to ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, TypeAlias
+
+import msgspec
+
+from statecast.errors import BadRequest, ProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Change",
+    "PingRequest",
+    "PreparedChange",
+    "PublishRequest",
+    "Request",
+    "SubscribeRequest",
+    "SyncRequest",
+    "change_line_from_record_line",
+    "delete_line",
+    "encode_ack",
+    "encode_bye",
+    "encode_error",
+    "encode_heartbeat",
+    "encode_hello",
+    "encode_pong",
+    "encode_snapshot_begin",
+    "encode_snapshot_end",
+    "encode_subscribed",
+    "parse_request",
+    "prepare_change",
+    "prepare_changes",
+    "record_line",
+]
+
+PROTOCOL_VERSION: Final = 1
+
+# §9: limits of the state model.
+COLLECTION_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+MAX_KEY_LENGTH: Final = 1024
+
+RequestId: TypeAlias = int | str | None
+
+
+# ---------------------------------------------------------------------------
+# Requests (§3). msgspec validates types in C; fields we don't know are ignored,
+# so clients may add fields freely.
+
+
+class ChangeIn(msgspec.Struct, forbid_unknown_fields=False):
+    collection: str
+    key: str
+    # The raw JSON text of the value is kept as it came: it is valid JSON (the whole
+    # line was parsed) and is forwarded without being decoded and encoded again.
+    value: msgspec.Raw = msgspec.Raw()
+    delete: bool = False
+
+
+class SyncRequest(msgspec.Struct, tag_field="op", tag="sync"):
+    """§3.1 ``sync``: a snapshot, optionally followed by live changes."""
+
+    id: RequestId = None
+    collections: list[str] | None = None
+    live: bool = False
+
+
+class SubscribeRequest(msgspec.Struct, tag_field="op", tag="subscribe"):
+    """§3.2 ``subscribe``: live changes after ``from`` (default: now)."""
+
+    id: RequestId = None
+    collections: list[str] | None = None
+    from_: int | None = msgspec.field(default=None, name="from")
+    epoch: str | None = None
+
+
+class PublishRequest(msgspec.Struct, tag_field="op", tag="publish"):
+    """§3.3 ``publish``: one atomic batch of changes."""
+
+    changes: list[ChangeIn]
+    id: RequestId = None
+
+
+class PingRequest(msgspec.Struct, tag_field="op", tag="ping"):
+    """§3.4 ``ping``."""
+
+    id: RequestId = None
+
+
+Request: TypeAlias = SyncRequest | SubscribeRequest | PublishRequest | PingRequest
+
+_request_decoder = msgspec.json.Decoder(Request)
+_any_decoder = msgspec.json.Decoder()
+
+# §3.5: words understood on lines that are not JSON, for people typing into nc.
+_WORDS: Final[dict[bytes, Request]] = {
+    b"sync": SyncRequest(),
+    b"watch": SyncRequest(live=True),
+    b"subscribe": SubscribeRequest(),
+    b"ping": PingRequest(),
+}
+
+
+def _id_of(line: bytes) -> RequestId:
+    """Best effort: the ``id`` of a request that failed validation, to echo it back."""
+    try:
+        obj = _any_decoder.decode(line)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(obj, dict):
+        rid = obj.get("id")
+        if isinstance(rid, int | str) and not isinstance(rid, bool):
+            return rid
+    return None
+
+
+def parse_request(line: bytes) -> Request:
+    """Parse one request line (without its ``\\n``). Raises :class:`BadRequest`."""
+    stripped = line.strip()
+    if not stripped.startswith(b"{"):
+        word = stripped.split(None, 1)[0].lower() if stripped else b""
+        request = _WORDS.get(word)
+        if request is None:
+            shown = word[:40].decode("utf-8", "replace")
+            raise BadRequest(
+                f"unknown command {shown!r}: send a JSON request, or one of "
+                "sync, watch, subscribe, ping"
+            )
+        # The table holds immutable defaults; hand out a copy.
+        return msgspec.structs.replace(request)
+    try:
+        request = _request_decoder.decode(stripped)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid request: {exc}", request_id=_id_of(stripped)) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    rid = request.id
+    if isinstance(request, SyncRequest | SubscribeRequest) and request.collections is not None:
+        validate_collections(request.collections, rid)
+    if isinstance(request, SubscribeRequest) and request.from_ is not None and request.from_ < 0:
+        raise BadRequest("'from' must be a seq >= 0", request_id=rid)
+    return request
+
+
+def validate_collections(names: Iterable[str], rid: RequestId = None) -> frozenset[str]:
+    out = frozenset(names)
+    if not out:
+        raise BadRequest("'collections' must not be empty (leave it out for all)", request_id=rid)
+    for name in out:
+        if not COLLECTION_RE.fullmatch(name):
+            raise BadRequest(f"invalid collection name {name[:140]!r}", request_id=rid)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Changes (§3.3, §9). A change is validated and its key and value encoded once,
+# by whoever submits it (a connection, or a producer thread), never on fan-out.
+
+# (collection, key, key as JSON, value as JSON or None for a delete)
+PreparedChange: TypeAlias = tuple[str, str, bytes, bytes | None]
+
+_encode = msgspec.json.encode
+
+
+class Change(msgspec.Struct, frozen=True):
+    """A change for the embedding API: ``Change("orders", "O-1", {...})`` upserts,
+    ``Change("orders", "O-1", delete=True)`` deletes."""
+
+    collection: str
+    key: str
+    value: Any = None
+    delete: bool = False
+
+
+def _check_target(collection: object, key: object, where: str) -> None:
+    if not isinstance(collection, str) or not COLLECTION_RE.fullmatch(collection):
+        raise BadRequest(
+            f"{where}: invalid collection name {str(collection)[:140]!r} "
+            "(1 to 128 of A-Z a-z 0-9 _ . -)"
+        )
+    if not isinstance(key, str) or not key:
+        raise BadRequest(f"{where}: the key must be a non-empty string")
+    if len(key) > MAX_KEY_LENGTH:
+        raise BadRequest(f"{where}: the key is longer than {MAX_KEY_LENGTH} characters")
+
+
+def prepare_change(change: Change | Mapping[str, Any], where: str = "change") -> PreparedChange:
+    """Validate and encode one change from the embedding API."""
+    if isinstance(change, Change):
+        collection, key, value, delete = change.collection, change.key, change.value, change.delete
+    elif isinstance(change, Mapping):
+        collection, key = change.get("collection"), change.get("key")
+        delete = bool(change.get("delete", False))
+        if not delete and "value" not in change:
+            raise BadRequest(f"{where}: needs a 'value', or 'delete': true")
+        value = change.get("value")
+    else:
+        raise BadRequest(f"{where}: expected a statecast.Change or a mapping")
+    _check_target(collection, key, where)
+    assert isinstance(collection, str) and isinstance(key, str)
+    if delete:
+        return (collection, key, _encode(key), None)
+    try:
+        value_json = _encode(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadRequest(f"{where}: value is not JSON-serialisable: {exc}") from None
+    return (collection, key, _encode(key), value_json)
+
+
+def prepare_changes(
+    changes: Iterable[Change | Mapping[str, Any]] | PublishRequest,
+) -> list[PreparedChange]:
+    """Validate a whole batch; any invalid change rejects all of it (§3.3)."""
+    if isinstance(changes, PublishRequest):
+        rid = changes.id
+        out: list[PreparedChange] = []
+        for i, c in enumerate(changes.changes):
+            where = f"changes[{i}]"
+            try:
+                _check_target(c.collection, c.key, where)
+            except BadRequest as exc:
+                exc.request_id = rid
+                raise
+            if c.delete:
+                out.append((c.collection, c.key, _encode(c.key), None))
+            else:
+                raw = bytes(c.value)
+                if not raw:
+                    raise BadRequest(f"{where}: needs a 'value', or 'delete': true", request_id=rid)
+                out.append((c.collection, c.key, _encode(c.key), raw))
+        if not out:
+            raise BadRequest("'changes' must not be empty", request_id=rid)
+        return out
+    if isinstance(changes, Change | Mapping):  # one change on its own
+        changes = [changes]
+    out = [prepare_change(c, f"changes[{i}]") for i, c in enumerate(changes)]
+    if not out:
+        raise BadRequest("a publish needs at least one change")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Frames (§4). Record and change frames are built with bytes formatting from parts
+# encoded once; "seq" comes right after "type" so that a change frame is the stored
+# record frame with another type (see change_line_from_record_line).
+
+_RECORD_PREFIX: Final = b'{"type":"record"'
+_CHANGE_PREFIX: Final = b'{"type":"change"'
+_PREFIX_LEN: Final = len(_RECORD_PREFIX)
+
+
+def record_line(seq: int, collection: str, key_json: bytes, value_json: bytes) -> bytes:
+    """§4.1 ``record`` frame of one record, with its trailing newline."""
+    return b'{"type":"record","seq":%d,"collection":"%s","key":%s,"value":%s}\n' % (
+        seq,
+        collection.encode(),
+        key_json,
+        value_json,
+    )
+
+
+def delete_line(seq: int, collection: str, key_json: bytes) -> bytes:
+    """§4.2 ``change`` frame of a delete."""
+    return b'{"type":"change","seq":%d,"collection":"%s","key":%s,"deleted":true}\n' % (
+        seq,
+        collection.encode(),
+        key_json,
+    )
+
+
+def change_line_from_record_line(line: bytes) -> bytes:
+    """§4.2 ``change`` frame of an upsert, from the §4.1 ``record`` frame that holds it."""
+    return _CHANGE_PREFIX + line[_PREFIX_LEN:]
+
+
+def _frame(obj: dict[str, Any]) -> bytes:
+    return _encode(obj) + b"\n"
+
+
+def _with_id(obj: dict[str, Any], rid: RequestId) -> dict[str, Any]:
+    if rid is not None:
+        obj["id"] = rid
+    return obj
+
+
+def encode_hello(version: str, epoch: str, seq: int) -> bytes:
+    return _frame(
+        {
+            "type": "hello",
+            "server": "statecast",
+            "version": version,
+            "protocol": PROTOCOL_VERSION,
+            "epoch": epoch,
+            "seq": seq,
+        }
+    )
+
+
+def encode_snapshot_begin(seq: int, epoch: str, rid: RequestId) -> bytes:
+    return _frame(_with_id({"type": "snapshot_begin", "seq": seq, "epoch": epoch}, rid))
+
+
+def encode_snapshot_end(seq: int, count: int, rid: RequestId) -> bytes:
+    return _frame(_with_id({"type": "snapshot_end", "seq": seq, "count": count}, rid))
+
+
+def encode_subscribed(seq: int, epoch: str, rid: RequestId) -> bytes:
+    return _frame(_with_id({"type": "subscribed", "seq": seq, "epoch": epoch}, rid))
+
+
+def encode_ack(seq: int, rid: RequestId) -> bytes:
+    return _frame(_with_id({"type": "ack", "seq": seq}, rid))
+
+
+def encode_pong(seq: int, rid: RequestId) -> bytes:
+    return _frame(_with_id({"type": "pong", "seq": seq}, rid))
+
+
+def encode_heartbeat(seq: int) -> bytes:
+    return b'{"type":"heartbeat","seq":%d}\n' % seq
+
+
+def encode_bye(reason: str = "shutdown") -> bytes:
+    return _frame({"type": "bye", "reason": reason})
+
+
+def encode_error(error: ProtocolError) -> bytes:
+    return _frame(
+        _with_id(
+            {"type": "error", "code": error.code, "message": error.message},
+            error.request_id,
+        )
+    )

@@ -1,0 +1,309 @@
+"""The state: collections of records, and consistent snapshots of it. No I/O.
+
+Snapshots stream while producers keep publishing, so a snapshot must see the state
+exactly as it was at its seq S (docs/protocol.md §5.1) without copying it. This is
+done with three rules that hold only while at least one snapshot is open:
+
+* Each collection keeps its records in a list (``slots``) with a ``key -> position``
+  index. A snapshot walks positions ``0 .. len(slots)`` as they were when it opened;
+  keys inserted later are appended past that end, and every one of them has a seq
+  greater than S.
+* A record that is replaced keeps the record it replaced in ``prev`` (a version
+  chain), so a snapshot that meets a record newer than S walks back to the newest
+  version <= S. Chains are cut below the oldest open snapshot on every write.
+* A delete leaves a tombstone in its slot instead of removing the slot, so positions
+  never move.
+
+When the last snapshot closes, chains are dropped and tombstone slots removed. With no
+snapshot open, a delete removes its slot at once (swap with the last slot, O(1)).
+A snapshot's own memory is a cursor: a position and a few references.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+from statecast.protocol import (
+    PreparedChange,
+    change_line_from_record_line,
+    delete_line,
+    record_line,
+)
+
+__all__ = ["Collection", "Record", "Snapshot", "State"]
+
+# How many slots a snapshot reads between checks of its byte budget.
+_SLICE = 512
+
+
+class Record:
+    """One version of one key: the change that wrote it, encoded once.
+
+    ``line`` is the §4.1 ``record`` frame of an upsert, or the §4.2 ``change`` frame
+    of a delete (``deleted`` is then true). The same object serves the snapshot, the
+    change log and the fan-out.
+    """
+
+    __slots__ = ("collection", "deleted", "key", "line", "prev", "seq")
+
+    def __init__(
+        self, seq: int, collection: str, key: str, line: bytes, deleted: bool
+    ) -> None:
+        self.seq = seq
+        self.collection = collection
+        self.key = key
+        self.line = line
+        self.deleted = deleted
+        self.prev: Record | None = None
+
+    def change_line(self) -> bytes:
+        """The §4.2 ``change`` frame of this change."""
+        return self.line if self.deleted else change_line_from_record_line(self.line)
+
+    def __repr__(self) -> str:
+        kind = "delete" if self.deleted else "upsert"
+        return f"<Record {kind} seq={self.seq} {self.collection}/{self.key}>"
+
+
+class Collection:
+    __slots__ = ("index", "live", "name", "slots", "tombstones")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.index: dict[str, int] = {}
+        self.slots: list[Record] = []
+        self.live = 0  # records that are not tombstones
+        self.tombstones: list[str] = []  # keys whose slot holds a tombstone
+
+    def __len__(self) -> int:
+        return self.live
+
+    def get(self, key: str) -> Record | None:
+        pos = self.index.get(key)
+        if pos is None:
+            return None
+        rec = self.slots[pos]
+        return None if rec.deleted else rec
+
+    def records(self) -> Iterator[Record]:
+        """The current records (not a snapshot: don't publish while iterating)."""
+        return (r for r in self.slots if not r.deleted)
+
+    def _swap_remove(self, key: str) -> None:
+        pos = self.index.pop(key)
+        last = self.slots.pop()
+        if pos < len(self.slots):
+            self.slots[pos] = last
+            self.index[last.key] = pos
+
+
+class State:
+    """All collections, the seq of the last applied change, and open snapshots."""
+
+    def __init__(self, seq: int = 0) -> None:
+        self.seq = seq
+        self.collections: dict[str, Collection] = {}
+        self._open: dict[Snapshot, int] = {}  # open snapshots and their seqs
+        self._floor = 0  # the smallest seq of an open snapshot
+        self._dirty: list[Record] = []  # records whose prev is set
+        self._dirty_limit = 1 << 16
+
+    # -- reading -------------------------------------------------------------
+    def get(self, collection: str, key: str) -> Record | None:
+        coll = self.collections.get(collection)
+        return None if coll is None else coll.get(key)
+
+    def __len__(self) -> int:
+        return sum(c.live for c in self.collections.values())
+
+    @property
+    def open_snapshots(self) -> int:
+        return len(self._open)
+
+    # -- writing -------------------------------------------------------------
+    def apply(self, batch: Sequence[PreparedChange]) -> list[Record]:
+        """Apply one batch atomically; its changes get consecutive seqs.
+
+        The caller has validated the batch (protocol.prepare_changes), so this
+        cannot fail half-way.
+        """
+        out: list[Record] = []
+        seq = self.seq
+        protect = bool(self._open)
+        collections = self.collections
+        for name, key, key_json, value_json in batch:
+            seq += 1
+            coll = collections.get(name)
+            if coll is None:
+                coll = collections[name] = Collection(name)
+            pos = coll.index.get(key)
+            if value_json is None:
+                rec = Record(seq, name, key, delete_line(seq, name, key_json), True)
+                if pos is not None:
+                    old = coll.slots[pos]
+                    if not old.deleted:
+                        coll.live -= 1
+                    if protect:
+                        self._chain(rec, old)
+                        coll.slots[pos] = rec
+                        coll.tombstones.append(key)
+                    else:
+                        coll._swap_remove(key)
+            else:
+                rec = Record(seq, name, key, record_line(seq, name, key_json, value_json), False)
+                if pos is None:
+                    coll.index[key] = len(coll.slots)
+                    coll.slots.append(rec)
+                    coll.live += 1
+                else:
+                    old = coll.slots[pos]
+                    if old.deleted:
+                        coll.live += 1
+                    if protect:
+                        self._chain(rec, old)
+                    coll.slots[pos] = rec
+            out.append(rec)
+        self.seq = seq
+        return out
+
+    def load(self, records: Iterable[Record], seq: int) -> None:
+        """Fill an empty state with records (a store recovering). No snapshot may be open."""
+        if self._open or self.collections:
+            raise RuntimeError("load() needs an empty state with no open snapshot")
+        collections = self.collections
+        for rec in records:
+            coll = collections.get(rec.collection)
+            if coll is None:
+                coll = collections[rec.collection] = Collection(rec.collection)
+            coll.index[rec.key] = len(coll.slots)
+            coll.slots.append(rec)
+            coll.live += 1
+        self.seq = seq
+
+    def _chain(self, new: Record, old: Record) -> None:
+        """Keep ``old`` reachable from ``new`` for open snapshots, cut below the floor."""
+        new.prev = old
+        v = new
+        floor = self._floor
+        while v.seq > floor and v.prev is not None:
+            v = v.prev
+        v.prev = None
+        self._dirty.append(new)
+        if len(self._dirty) > self._dirty_limit:
+            self._prune()
+
+    def _prune(self) -> None:
+        """Cut every chain below the floor; drop records that no longer chain."""
+        floor = self._floor
+        keep: list[Record] = []
+        for rec in self._dirty:
+            v = rec
+            while v.seq > floor and v.prev is not None:
+                v = v.prev
+            v.prev = None
+            if rec.prev is not None:
+                keep.append(rec)
+        self._dirty = keep
+        self._dirty_limit = max(1 << 16, 2 * len(keep))
+
+    # -- snapshots -----------------------------------------------------------
+    def snapshot(self, collections: frozenset[str] | None = None) -> Snapshot:
+        """Open a snapshot of the state as it is now (at ``self.seq``).
+
+        It must be closed (``Snapshot.close``) when no longer read, or the state
+        keeps old versions for it.
+        """
+        if collections is None:
+            colls = list(self.collections.values())
+        else:
+            colls = [c for name, c in self.collections.items() if name in collections]
+        snap = Snapshot(self, self.seq, colls)
+        if not self._open:
+            self._floor = self.seq
+        self._open[snap] = self.seq
+        return snap
+
+    def _release(self, snap: Snapshot) -> None:
+        if self._open.pop(snap, None) is None:
+            return
+        if self._open:
+            self._floor = min(self._open.values())
+            return
+        # The last snapshot closed: drop version chains and tombstone slots.
+        for rec in self._dirty:
+            rec.prev = None
+        self._dirty = []
+        self._dirty_limit = 1 << 16
+        for coll in self.collections.values():
+            if coll.tombstones:
+                for key in coll.tombstones:
+                    pos = coll.index.get(key)
+                    if pos is not None and coll.slots[pos].deleted:
+                        coll._swap_remove(key)
+                coll.tombstones = []
+
+
+class Snapshot:
+    """A cursor over the state as it was at ``seq``; read it in chunks with ``read``."""
+
+    __slots__ = ("_colls", "_ends", "_i", "_pos", "_state", "count", "seq")
+
+    def __init__(self, state: State, seq: int, colls: list[Collection]) -> None:
+        self._state: State | None = state
+        self.seq = seq
+        self._colls = colls
+        self._ends = [len(c.slots) for c in colls]
+        self._i = 0
+        self._pos = 0
+        self.count = 0  # records returned so far
+
+    @property
+    def done(self) -> bool:
+        return self._state is None
+
+    def read(self, max_bytes: int) -> list[bytes]:
+        """The next record frames, about ``max_bytes`` of them (at least one record
+        when any is left). The snapshot closes itself after the last one."""
+        lines: list[bytes] = []
+        if self._state is None:
+            return lines
+        size = 0
+        seq = self.seq
+        append = lines.append
+        colls, ends = self._colls, self._ends
+        while self._i < len(colls):
+            slots = colls[self._i].slots
+            end = ends[self._i]
+            pos = self._pos
+            while pos < end and size < max_bytes:
+                stop = min(end, pos + _SLICE)
+                for current in slots[pos:stop]:
+                    rec = current
+                    if rec.seq > seq:  # written after S: find the version at S
+                        older = rec.prev
+                        while older is not None and older.seq > seq:
+                            older = older.prev
+                        if older is None:
+                            continue
+                        rec = older
+                    if rec.deleted:
+                        continue
+                    line = rec.line
+                    append(line)
+                    size += len(line)
+                pos = stop
+            self._pos = pos
+            if pos >= end:
+                self._i += 1
+                self._pos = 0
+            if size >= max_bytes:
+                break
+        self.count += len(lines)
+        if self._i >= len(colls):
+            self.close()
+        return lines
+
+    def close(self) -> None:
+        state, self._state = self._state, None
+        if state is not None:
+            state._release(self)
