@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from statecast.config import Config
+from statecast.demo import TradingDesk
 from statecast.errors import ConfigError
 from statecast.server import Server, __version__, new_event_loop
 
@@ -36,14 +37,16 @@ def _size(text: str) -> int:
         raise click.BadParameter(f"{text!r} is not a size (e.g. 8388608, 8M, 512K)") from None
 
 
-class SizeType(click.ParamType):
+class SizeType(click.ParamType[int]):
     name = "bytes"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         return value if isinstance(value, int) else _size(str(value))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "STATECAST"})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "STATECAST"}
+)
 @click.version_option(__version__, prog_name="statecast")
 def main() -> None:
     """statecast: a state-sync server. A consistent snapshot, then every change."""
@@ -51,16 +54,66 @@ def main() -> None:
 
 @main.command()
 @click.option("--host", default=_defaults.host, show_default=True, help="Address to listen on.")
-@click.option("--port", default=_defaults.port, show_default=True, type=int, help="TCP port (0: any free port).")
-@click.option("--store", default=_defaults.store, show_default=True, help="Where the state lives: 'memory'.")
-@click.option("--retain", default=_defaults.retain, show_default=True, type=int, help="Changes kept for resume.")
-@click.option("--max-pending", default=_defaults.max_pending, show_default=True, type=SizeType(), help="Output bytes that may wait for one subscriber before it is disconnected.")
-@click.option("--max-line", default=_defaults.max_line, show_default=True, type=SizeType(), help="Longest request line, in bytes.")
-@click.option("--heartbeat", default=_defaults.heartbeat, show_default=True, type=float, help="Seconds of silence before a heartbeat to a subscriber (0: off).")
-@click.option("--shutdown-grace", default=_defaults.shutdown_grace, show_default=True, type=float, help="Seconds output may take to drain on shutdown.")
+@click.option(
+    "--port",
+    default=_defaults.port,
+    show_default=True,
+    type=int,
+    help="TCP port (0: any free port).",
+)
+@click.option(
+    "--store", default=_defaults.store, show_default=True, help="Where the state lives: 'memory'."
+)
+@click.option(
+    "--retain",
+    default=_defaults.retain,
+    show_default=True,
+    type=int,
+    help="Changes kept for resume.",
+)
+@click.option(
+    "--max-pending",
+    default=_defaults.max_pending,
+    show_default=True,
+    type=SizeType(),
+    help="Output bytes that may wait for one subscriber before it is disconnected.",
+)
+@click.option(
+    "--max-line",
+    default=_defaults.max_line,
+    show_default=True,
+    type=SizeType(),
+    help="Longest request line, in bytes.",
+)
+@click.option(
+    "--heartbeat",
+    default=_defaults.heartbeat,
+    show_default=True,
+    type=float,
+    help="Seconds of silence before a heartbeat to a subscriber (0: off).",
+)
+@click.option(
+    "--shutdown-grace",
+    default=_defaults.shutdown_grace,
+    show_default=True,
+    type=float,
+    help="Seconds output may take to drain on shutdown.",
+)
 @click.option("--demo", is_flag=True, help="Run producers that simulate a trading desk.")
-@click.option("--loop", "event_loop", default="auto", show_default=True, type=click.Choice(["auto", "uvloop", "asyncio"]), help="Event loop implementation.")
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--loop",
+    "event_loop",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "uvloop", "asyncio"]),
+    help="Event loop implementation.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 def serve(**options: Any) -> None:
     """Run a server until SIGINT or SIGTERM."""
     if options["heartbeat"] == 0:
@@ -102,8 +155,6 @@ async def _serve(config: Config) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
     desk = None
     if config.demo:
-        from statecast.demo import TradingDesk
-
         desk = TradingDesk(server)
         desk.start()
         log.info("demo: %d producer threads simulate a trading desk", desk.threads)

@@ -159,7 +159,7 @@ class Trader:
         offset = self.rng.choice([-3, -2, -1, 0, 0, 1, 2]) * max(0.01, _tick(bid * 0.0002))
         limit = _tick(bid - offset) if side == "buy" else _tick(ask + offset)
         now = _now_ms()
-        order = {
+        order: dict[str, Any] = {
             "order_id": self._next_id("ORD"),
             "account": self.rng.choice(self.accounts),
             "trader": self.name,
@@ -186,7 +186,9 @@ class Trader:
         if self.rng.random() < 0.7:
             order["limit_price"] = ask if order["side"] == "buy" else bid
         else:
-            order["qty"] = max(order["filled_qty"] + 100, order["qty"] + self.rng.choice([-100, 100, 500]))
+            order["qty"] = max(
+                order["filled_qty"] + 100, order["qty"] + self.rng.choice([-100, 100, 500])
+            )
             order["leaves_qty"] = order["qty"] - order["filled_qty"]
         order["status"] = "amended" if order["filled_qty"] == 0 else "partially_filled"
         order["updated_at"] = _now_ms()
@@ -224,7 +226,11 @@ class Trader:
     def fill(self, order: dict[str, Any], price: float) -> list[Change]:
         """One fill: the execution, the order and the position, as one batch."""
         leaves = order["qty"] - order["filled_qty"]
-        qty = leaves if leaves <= 200 or self.rng.random() < 0.4 else self.rng.randrange(100, leaves, 100)
+        qty = (
+            leaves
+            if leaves <= 200 or self.rng.random() < 0.4
+            else self.rng.randrange(100, leaves, 100)
+        )
         now = _now_ms()
         execution = {
             "exec_id": self._next_id("EXE"),
@@ -273,11 +279,15 @@ class Trader:
         signed = qty if order["side"] == "buy" else -qty
         old = pos["qty"]
         if old == 0 or (old > 0) == (signed > 0):  # opening or adding
-            pos["avg_cost"] = round((pos["avg_cost"] * abs(old) + price * qty) / (abs(old) + qty), 4)
+            pos["avg_cost"] = round(
+                (pos["avg_cost"] * abs(old) + price * qty) / (abs(old) + qty), 4
+            )
         else:  # reducing or flipping
             closed = min(abs(old), qty)
             direction = 1 if old > 0 else -1
-            pos["realized_pnl"] = round(pos["realized_pnl"] + closed * (price - pos["avg_cost"]) * direction, 2)
+            pos["realized_pnl"] = round(
+                pos["realized_pnl"] + closed * (price - pos["avg_cost"]) * direction, 2
+            )
             if qty > abs(old):
                 pos["avg_cost"] = price
         pos["qty"] = old + signed
@@ -326,7 +336,9 @@ class TradingDesk:
             [Change("quotes", sym, q) for sym, q in self.market.quotes.items()]
         )
         for trader in self.traders:
-            t = threading.Thread(target=self._run, args=(trader,), name=f"demo-{trader.name}", daemon=True)
+            t = threading.Thread(
+                target=self._run, args=(trader,), name=f"demo-{trader.name}", daemon=True
+            )
             t.start()
             self._threads.append(t)
 

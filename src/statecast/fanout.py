@@ -86,7 +86,9 @@ class Fanout:
                 blob = everything
                 n = len(lines)
             else:
-                picked = [ln for r, ln in zip(records, lines, strict=True) if r.collection in selection]
+                picked = [
+                    ln for r, ln in zip(records, lines, strict=True) if r.collection in selection
+                ]
                 if not picked:
                     continue
                 blob = b"".join(picked)

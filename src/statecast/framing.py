@@ -17,7 +17,7 @@ class LineReader:
     then unusable (§1), so the reader refuses further input.
     """
 
-    __slots__ = ("_buf", "_broken", "_pos", "max_line")
+    __slots__ = ("_broken", "_buf", "_pos", "max_line")
 
     def __init__(self, max_line: int) -> None:
         self.max_line = max_line

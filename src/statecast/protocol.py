@@ -126,17 +126,17 @@ def parse_request(line: bytes) -> Request:
     stripped = line.strip()
     if not stripped.startswith(b"{"):
         word = stripped.split(None, 1)[0].lower() if stripped else b""
-        request = _WORDS.get(word)
-        if request is None:
+        template = _WORDS.get(word)
+        if template is None:
             shown = word[:40].decode("utf-8", "replace")
             raise BadRequest(
                 f"unknown command {shown!r}: send a JSON request, or one of "
                 "sync, watch, subscribe, ping"
             )
         # The table holds immutable defaults; hand out a copy.
-        return msgspec.structs.replace(request)
+        return msgspec.structs.replace(template)
     try:
-        request = _request_decoder.decode(stripped)
+        request: Request = _request_decoder.decode(stripped)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"invalid request: {exc}", request_id=_id_of(stripped)) from None
     except msgspec.DecodeError as exc:
@@ -193,6 +193,8 @@ def _check_target(collection: object, key: object, where: str) -> None:
 
 def prepare_change(change: Change | Mapping[str, Any], where: str = "change") -> PreparedChange:
     """Validate and encode one change from the embedding API."""
+    collection: object
+    key: object
     if isinstance(change, Change):
         collection, key, value, delete = change.collection, change.key, change.value, change.delete
     elif isinstance(change, Mapping):
@@ -204,7 +206,8 @@ def prepare_change(change: Change | Mapping[str, Any], where: str = "change") ->
     else:
         raise BadRequest(f"{where}: expected a statecast.Change or a mapping")
     _check_target(collection, key, where)
-    assert isinstance(collection, str) and isinstance(key, str)
+    assert isinstance(collection, str)
+    assert isinstance(key, str)
     if delete:
         return (collection, key, _encode(key), None)
     try:

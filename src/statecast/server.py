@@ -51,12 +51,12 @@ def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
     """A new event loop: uvloop when available (``auto``) or asked for."""
     if kind in ("auto", "uvloop"):
         try:
-            import uvloop
+            import uvloop  # noqa: PLC0415 (optional dependency)
         except ImportError:
             if kind == "uvloop":
                 raise
         else:
-            return uvloop.new_event_loop()  # type: ignore[no-any-return]
+            return uvloop.new_event_loop()
     return asyncio.new_event_loop()
 
 
@@ -123,8 +123,10 @@ class Server:
             return
         self.stopping = True
         grace = self.config.shutdown_grace if grace is None else grace
-        assert self._listener is not None and self._inbox is not None
-        assert self._idle is not None and self._engine is not None
+        assert self._listener is not None
+        assert self._inbox is not None
+        assert self._idle is not None
+        assert self._engine is not None
         self._listener.close()
         self._inbox.close()  # publishes queued before now are applied, later ones refused
         self._engine.fanout.flush()

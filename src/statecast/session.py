@@ -61,7 +61,12 @@ class _Stream:
     __slots__ = ("after", "live", "rid", "selection", "snapshot")
 
     def __init__(
-        self, snapshot: Snapshot | None, after: int, live: bool, selection: Selection, rid: RequestId
+        self,
+        snapshot: Snapshot | None,
+        after: int,
+        live: bool,
+        selection: Selection,
+        rid: RequestId,
     ) -> None:
         self.snapshot = snapshot
         self.after = after  # catch-up position: every change <= after is sent

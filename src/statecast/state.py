@@ -10,7 +10,8 @@ done with three rules that hold only while at least one snapshot is open:
   greater than S.
 * A record that is replaced keeps the record it replaced in ``prev`` (a version
   chain), so a snapshot that meets a record newer than S walks back to the newest
-  version <= S. Chains are cut below the oldest open snapshot on every write.
+  version <= S. On every write the chain is trimmed to the versions an open snapshot
+  still needs: at most one per open snapshot.
 * A delete leaves a tombstone in its slot instead of removing the slot, so positions
   never move.
 
@@ -33,7 +34,7 @@ from statecast.protocol import (
 __all__ = ["Collection", "Record", "Snapshot", "State"]
 
 # How many slots a snapshot reads between checks of its byte budget.
-_SLICE = 512
+_SLICE = 128
 
 
 class Record:
@@ -46,9 +47,7 @@ class Record:
 
     __slots__ = ("collection", "deleted", "key", "line", "prev", "seq")
 
-    def __init__(
-        self, seq: int, collection: str, key: str, line: bytes, deleted: bool
-    ) -> None:
+    def __init__(self, seq: int, collection: str, key: str, line: bytes, deleted: bool) -> None:
         self.seq = seq
         self.collection = collection
         self.key = key
@@ -104,7 +103,7 @@ class State:
         self.seq = seq
         self.collections: dict[str, Collection] = {}
         self._open: dict[Snapshot, int] = {}  # open snapshots and their seqs
-        self._floor = 0  # the smallest seq of an open snapshot
+        self._open_seqs: list[int] = []  # their distinct seqs, newest first
         self._dirty: list[Record] = []  # records whose prev is set
         self._dirty_limit = 1 << 16
 
@@ -181,26 +180,39 @@ class State:
         self.seq = seq
 
     def _chain(self, new: Record, old: Record) -> None:
-        """Keep ``old`` reachable from ``new`` for open snapshots, cut below the floor."""
+        """Keep ``old`` reachable from ``new`` for the open snapshots that need it."""
         new.prev = old
-        v = new
-        floor = self._floor
-        while v.seq > floor and v.prev is not None:
-            v = v.prev
-        v.prev = None
+        self._trim(new)
         self._dirty.append(new)
         if len(self._dirty) > self._dirty_limit:
             self._prune()
 
+    def _trim(self, head: Record) -> None:
+        """Unlink the versions behind ``head`` that no open snapshot needs.
+
+        A snapshot at S needs the newest version <= S, and only that one.
+        """
+        seqs = self._open_seqs
+        n = len(seqs)
+        i = 0
+        while i < n and seqs[i] >= head.seq:  # snapshots that head serves itself
+            i += 1
+        tail = head
+        v = head.prev
+        while v is not None and i < n:
+            if v.seq <= seqs[i]:
+                tail.prev = v
+                tail = v
+                while i < n and seqs[i] >= v.seq:
+                    i += 1
+            v = v.prev
+        tail.prev = None
+
     def _prune(self) -> None:
-        """Cut every chain below the floor; drop records that no longer chain."""
-        floor = self._floor
+        """Trim every chain; forget records that no longer chain."""
         keep: list[Record] = []
         for rec in self._dirty:
-            v = rec
-            while v.seq > floor and v.prev is not None:
-                v = v.prev
-            v.prev = None
+            self._trim(rec)
             if rec.prev is not None:
                 keep.append(rec)
         self._dirty = keep
@@ -218,17 +230,18 @@ class State:
         else:
             colls = [c for name, c in self.collections.items() if name in collections]
         snap = Snapshot(self, self.seq, colls)
-        if not self._open:
-            self._floor = self.seq
         self._open[snap] = self.seq
+        if not self._open_seqs or self._open_seqs[0] != self.seq:
+            self._open_seqs.insert(0, self.seq)
         return snap
 
     def _release(self, snap: Snapshot) -> None:
         if self._open.pop(snap, None) is None:
             return
         if self._open:
-            self._floor = min(self._open.values())
+            self._open_seqs = sorted(set(self._open.values()), reverse=True)
             return
+        self._open_seqs = []
         # The last snapshot closed: drop version chains and tombstone slots.
         for rec in self._dirty:
             rec.prev = None

@@ -59,9 +59,7 @@ class TcpConnection(asyncio.Protocol):
             self.peer = f"{peer[0]}:{peer[1]}"
         server = self._server
         cfg = server.config
-        self.session = Session(
-            server.engine, self, max_line=cfg.max_line, version=server.version
-        )
+        self.session = Session(server.engine, self, max_line=cfg.max_line, version=server.version)
         self.last_send = server.clock
         server._register(self)
         log.debug("connection from %s", self.peer)
@@ -114,7 +112,8 @@ class TcpConnection(asyncio.Protocol):
         if self._closing:
             return
         t = self.transport
-        assert t is not None and self.session is not None
+        assert t is not None
+        assert self.session is not None
         pending = self.session.data_to_send()
         if pending:  # keep frames in the order they were produced
             t.write(pending)
