@@ -7,7 +7,7 @@ from tests.helpers import FakeSubscriber
 
 
 def test_one_blob_per_group_per_flush_shared_by_all() -> None:
-    scheduled = []
+    scheduled: list[object] = []
     fan = Fanout(scheduled.append)
     state = State()
     subs = [FakeSubscriber() for _ in range(5)]

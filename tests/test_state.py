@@ -7,7 +7,7 @@ import random
 import msgspec
 
 from statecast.protocol import Change, prepare_changes
-from statecast.state import Snapshot, State
+from statecast.state import Record, Snapshot, State
 
 
 def put(state: State, collection: str, key: str, value: object) -> int:
@@ -170,20 +170,20 @@ def test_version_chains_stay_short_under_a_long_snapshot() -> None:
     for i in range(1000):
         put(s, "c", "hot", i)
     chain = 0
-    rec = s.collections["c"].slots[0]
-    while rec.prev is not None:
+    head: Record | None = s.collections["c"].slots[0]
+    while head is not None and head.prev is not None:
         chain += 1
-        rec = rec.prev
+        head = head.prev
     # Only the version the open snapshot needs is kept below the head.
     assert chain == 1
     mid = s.snapshot()
     for i in range(10):
         put(s, "c", "hot", f"after{i}")
     versions = []
-    rec = s.collections["c"].slots[0]
-    while rec is not None:
-        versions.append(rec.seq)
-        rec = rec.prev
+    head = s.collections["c"].slots[0]
+    while head is not None:
+        versions.append(head.seq)
+        head = head.prev
     assert versions == [1011, 1001, 1]  # head, the one for `mid`, the one for `old`
     assert read_all(mid) == {("c", "hot"): (1001, 999)}
     assert read_all(old) == {("c", "hot"): (1, 0)}

@@ -218,7 +218,7 @@ def prepare_change(change: Change | Mapping[str, Any], where: str = "change") ->
 
 
 def prepare_changes(
-    changes: Iterable[Change | Mapping[str, Any]] | PublishRequest,
+    changes: Iterable[Change | Mapping[str, Any]] | Change | Mapping[str, Any] | PublishRequest,
 ) -> list[PreparedChange]:
     """Validate a whole batch; any invalid change rejects all of it (§3.3)."""
     if isinstance(changes, PublishRequest):

@@ -44,7 +44,7 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
-Changes = Iterable[Change | Mapping[str, Any]]
+Changes = Iterable[Change | Mapping[str, Any]] | Change | Mapping[str, Any]
 
 
 def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
