@@ -27,7 +27,7 @@ typecheck: install
 	$(BIN)/mypy
 
 pytest: install
-	$(BIN)/pytest $(PYTEST_ARGS)
+	PYTHONASYNCIODEBUG=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 bench: install  ## the benchmarks of docs/performance.md
 	$(BIN)/python bench/run_all.py

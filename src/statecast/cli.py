@@ -8,7 +8,8 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -21,6 +22,7 @@ __all__ = ["main", "run"]
 
 log = logging.getLogger("statecast")
 _defaults = Config()
+FC = TypeVar("FC", bound=Callable[..., Any])
 
 
 def _size(text: str) -> int:
@@ -44,75 +46,57 @@ class SizeType(click.ParamType[int]):
         return value if isinstance(value, int) else _size(str(value))
 
 
-@click.group(
-    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "STATECAST"}
-)
+def option(flag: str, *decls: str, **kwargs: Any) -> Callable[[FC], FC]:
+    """A ``serve`` option that may also come from ``STATECAST_<NAME>``."""
+    name = flag.removeprefix("--").upper().replace("-", "_")
+    return click.option(
+        flag, *decls, envvar=f"STATECAST_{name}", show_envvar=True, show_default=True, **kwargs
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="statecast")
 def main() -> None:
     """statecast: a state-sync server. A consistent snapshot, then every change."""
 
 
 @main.command()
-@click.option("--host", default=_defaults.host, show_default=True, help="Address to listen on.")
-@click.option(
-    "--port",
-    default=_defaults.port,
-    show_default=True,
-    type=int,
-    help="TCP port (0: any free port).",
-)
-@click.option(
-    "--store", default=_defaults.store, show_default=True, help="Where the state lives: 'memory'."
-)
-@click.option(
-    "--retain",
-    default=_defaults.retain,
-    show_default=True,
-    type=int,
-    help="Changes kept for resume.",
-)
-@click.option(
+@option("--host", default=_defaults.host, help="Address to listen on.")
+@option("--port", default=_defaults.port, type=int, help="TCP port (0: any free port).")
+@option("--store", default=_defaults.store, help="Where the state lives: 'memory'.")
+@option("--retain", default=_defaults.retain, type=int, help="Changes kept for resume.")
+@option(
     "--max-pending",
     default=_defaults.max_pending,
-    show_default=True,
     type=SizeType(),
-    help="Output bytes that may wait for one subscriber before it is disconnected.",
+    help="Output bytes that may wait for one subscriber before it is cut off (8M, 512K).",
 )
-@click.option(
-    "--max-line",
-    default=_defaults.max_line,
-    show_default=True,
-    type=SizeType(),
-    help="Longest request line, in bytes.",
-)
-@click.option(
+@option("--max-line", default=_defaults.max_line, type=SizeType(), help="Longest request line.")
+@option(
     "--heartbeat",
     default=_defaults.heartbeat,
-    show_default=True,
     type=float,
     help="Seconds of silence before a heartbeat to a subscriber (0: off).",
 )
-@click.option(
+@option(
     "--shutdown-grace",
     default=_defaults.shutdown_grace,
-    show_default=True,
     type=float,
-    help="Seconds output may take to drain on shutdown.",
+    help="Seconds that output may take to drain on shutdown.",
 )
-@click.option("--demo", is_flag=True, help="Run producers that simulate a trading desk.")
-@click.option(
+@option("--demo", is_flag=True, default=False, help="Run producers that simulate a trading desk.")
+@option(
     "--loop",
     "event_loop",
-    default="auto",
-    show_default=True,
+    default=_defaults.event_loop,
     type=click.Choice(["auto", "uvloop", "asyncio"]),
     help="Event loop implementation.",
 )
-@click.option(
+@option(
     "--log-level",
-    default="info",
-    show_default=True,
+    default=_defaults.log_level,
     type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Least severe log messages shown.",
 )
 def serve(**options: Any) -> None:
     """Run a server until SIGINT or SIGTERM."""
