@@ -191,6 +191,21 @@ def _check_target(collection: object, key: object, where: str) -> None:
         raise BadRequest(f"{where}: the key is longer than {MAX_KEY_LENGTH} characters")
 
 
+# Collection names seen valid before: most batches write a few collections, so the
+# regular expression runs once per name, not once per change.
+_known_collections: set[str] = set()
+
+
+def _check_publish_target(request: PublishRequest, rid: RequestId) -> None:
+    """Raise BadRequest for the first change of ``request`` with an invalid target."""
+    for i, c in enumerate(request.changes):
+        try:
+            _check_target(c.collection, c.key, f"changes[{i}]")
+        except BadRequest as exc:
+            exc.request_id = rid
+            raise
+
+
 def prepare_change(change: Change | Mapping[str, Any], where: str = "change") -> PreparedChange:
     """Validate and encode one change from the embedding API."""
     collection: object
@@ -222,22 +237,25 @@ def prepare_changes(
 ) -> list[PreparedChange]:
     """Validate a whole batch; any invalid change rejects all of it (§3.3)."""
     if isinstance(changes, PublishRequest):
+        # The hot path of ingest: msgspec has checked the types already.
         rid = changes.id
         out: list[PreparedChange] = []
-        for i, c in enumerate(changes.changes):
-            where = f"changes[{i}]"
-            try:
-                _check_target(c.collection, c.key, where)
-            except BadRequest as exc:
-                exc.request_id = rid
-                raise
+        append = out.append
+        known = _known_collections
+        for c in changes.changes:
+            collection, key = c.collection, c.key
+            if collection not in known or not key or len(key) > MAX_KEY_LENGTH:
+                _check_publish_target(changes, rid)  # raises, naming the change
+                if len(known) < 4096:
+                    known.add(collection)
             if c.delete:
-                out.append((c.collection, c.key, _encode(c.key), None))
+                append((collection, key, _encode(key), None))
             else:
                 raw = bytes(c.value)
                 if not raw:
+                    where = f"changes[{changes.changes.index(c)}]"
                     raise BadRequest(f"{where}: needs a 'value', or 'delete': true", request_id=rid)
-                out.append((c.collection, c.key, _encode(c.key), raw))
+                append((collection, key, _encode(key), raw))
         if not out:
             raise BadRequest("'changes' must not be empty", request_id=rid)
         return out
