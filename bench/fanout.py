@@ -14,7 +14,16 @@ import asyncio
 import time
 from typing import Any
 
-from common import Counter, RedisProcess, StatecastProcess, encode, machine, new_loop, print_result
+from common import (
+    Counter,
+    RedisProcess,
+    StatecastProcess,
+    cpu_seconds,
+    encode,
+    machine,
+    new_loop,
+    print_result,
+)
 
 REDIS_MARKER = b"*3\r\n$7\r\nmessage\r\n"
 
@@ -66,6 +75,7 @@ async def statecast_run(n_subs: int, n_changes: int, batch: int, size: int) -> d
             lines.append(encode({"op": "publish", "changes": changes}) + b"\n")
         frame_size = len(lines[0]) // batch
         t0 = time.perf_counter()
+        cpu0 = cpu_seconds(srv.pid)
         window = 8
         acked = 0
         for i, line in enumerate(lines):
@@ -75,6 +85,7 @@ async def statecast_run(n_subs: int, n_changes: int, batch: int, size: int) -> d
                 acked += 1
         await wait_counts(subs, 2 + n_changes)
         elapsed = time.perf_counter() - t0
+        server_cpu = (cpu_seconds(srv.pid) - cpu0) / elapsed
         writer.close()
         for s in subs:
             s.transport.close()  # type: ignore[union-attr]
@@ -86,6 +97,7 @@ async def statecast_run(n_subs: int, n_changes: int, batch: int, size: int) -> d
             "seconds": elapsed,
             "deliveries/s": n_subs * n_changes / elapsed,
             "MB/s to subscribers": sum(s.bytes for s in subs) / elapsed / 1e6,
+            "server CPU (cores busy)": server_cpu,
         }
     finally:
         srv.stop()
@@ -105,11 +117,13 @@ async def redis_run(n_subs: int, n_changes: int, batch: int, size: int) -> dict[
         ]
         chunks = [b"".join(cmds[i : i + batch]) for i in range(0, n_changes, batch)]
         t0 = time.perf_counter()
+        cpu0 = cpu_seconds(srv.proc.pid)
         for chunk in chunks:
             writer.write(chunk)
             await writer.drain()
         await wait_counts(subs, n_changes)
         elapsed = time.perf_counter() - t0
+        server_cpu = (cpu_seconds(srv.proc.pid) - cpu0) / elapsed
         writer.close()
         for s in subs:
             s.transport.close()  # type: ignore[union-attr]
@@ -120,6 +134,7 @@ async def redis_run(n_subs: int, n_changes: int, batch: int, size: int) -> dict[
             "seconds": elapsed,
             "deliveries/s": n_subs * n_changes / elapsed,
             "MB/s to subscribers": sum(s.bytes for s in subs) / elapsed / 1e6,
+            "server CPU (cores busy)": server_cpu,
         }
     finally:
         srv.stop()

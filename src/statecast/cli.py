@@ -79,6 +79,12 @@ def main() -> None:
     help="Seconds of silence before a heartbeat to a subscriber (0: off).",
 )
 @option(
+    "--flush-interval",
+    default=_defaults.flush_interval,
+    type=float,
+    help="Least seconds between two fan-out flushes: more changes per write, more latency.",
+)
+@option(
     "--shutdown-grace",
     default=_defaults.shutdown_grace,
     type=float,

@@ -33,6 +33,7 @@ class Config:
 
     # Timeouts
     heartbeat: float | None = 10.0  # seconds of silence before a heartbeat; None: off
+    flush_interval: float = 0.0  # least seconds between two fan-out flushes (§7)
     shutdown_grace: float = 5.0  # seconds for output to drain on shutdown (§8)
 
     # Extras
@@ -53,6 +54,8 @@ class Config:
             raise ConfigError(f"max_line must be at least 1024 bytes, not {self.max_line}")
         if self.heartbeat is not None and self.heartbeat <= 0:
             raise ConfigError(f"heartbeat must be > 0 seconds (or None), not {self.heartbeat}")
+        if not 0 <= self.flush_interval <= 1:
+            raise ConfigError(f"flush_interval must be 0 to 1 seconds, not {self.flush_interval}")
         if self.shutdown_grace < 0:
             raise ConfigError(f"shutdown_grace must be >= 0, not {self.shutdown_grace}")
 
