@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from statecast.server import FlushPacer
 
 
@@ -41,7 +43,7 @@ def test_idle_server_flushes_at_once_and_busy_one_waits_as_long_as_a_flush_took(
     pacer.schedule(slow_flush)
     assert loop.run_next() == 0.0
     pacer.schedule(slow_flush)
-    assert loop.calls[0][0] == 0.004  # waits as long as the last flush took
+    assert loop.calls[0][0] == pytest.approx(0.004)  # waits as long as the last flush took
     loop.run_next()
     loop.now += 1.0  # idle for a while
     pacer.schedule(lambda: flushed.append(loop.now))
@@ -55,4 +57,4 @@ def test_minimum_interval() -> None:
     pacer.schedule(lambda: None)
     loop.run_next()
     pacer.schedule(lambda: None)
-    assert loop.calls[0][0] == 0.010
+    assert loop.calls[0][0] == pytest.approx(0.010)
