@@ -22,7 +22,8 @@ from common import StatecastProcess, cpu_seconds, machine, print_result
 
 PUBLISHER = r"""
 import socket, sys, threading, time, msgspec
-port, rate, seconds, per_tick = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+port, rate, per_tick = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
+seconds = float(sys.argv[3])
 s = socket.create_connection(("127.0.0.1", port))
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 def drain():
@@ -41,8 +42,9 @@ while True:
     if target > now:
         time.sleep(target - now)
     t = time.monotonic_ns()
-    changes = [{"collection": "quotes", "key": f"Q{(i + j) % 500}",
-                "value": {"t": t, "bid": 101.25, "ask": 101.27, "qty": 300}} for j in range(per_tick)]
+    value = {"t": t, "bid": 101.25, "ask": 101.27, "qty": 300}
+    changes = [{"collection": "quotes", "key": f"Q{(i + j) % 500}", "value": value}
+               for j in range(per_tick)]
     i += per_tick
     s.sendall(msgspec.json.encode({"op": "publish", "changes": changes}) + b"\n")
     n += 1
@@ -98,7 +100,13 @@ def read_subscribers(
 
 
 def run(
-    n_subs: int, rate: int, seconds: float, sample_every: int, flush_interval: float, cycle: float
+    *,
+    n_subs: int,
+    rate: int,
+    seconds: float,
+    sample_every: int,
+    flush_interval: float,
+    cycle: float,
 ) -> dict[str, object]:
     srv = StatecastProcess("--flush-interval", str(flush_interval))
     socks: list[socket.socket] = []
@@ -165,12 +173,12 @@ def main() -> None:
     args = ap.parse_args()
     print(f"machine: {machine()}")
     result = run(
-        args.subscribers,
-        args.rate,
-        args.seconds,
-        args.sample_every,
-        args.flush_interval,
-        args.reader_cycle,
+        n_subs=args.subscribers,
+        rate=args.rate,
+        seconds=args.seconds,
+        sample_every=args.sample_every,
+        flush_interval=args.flush_interval,
+        cycle=args.reader_cycle,
     )
     print_result("latency, publish to receipt", result)
 

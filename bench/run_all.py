@@ -17,7 +17,17 @@ RUNS = [
     ["ingest.py", "--changes", "1000000", "--batch", "1000"],
     ["latency.py", "--subscribers", "1000", "--rate", "10000", "--seconds", "10"],
     ["latency.py", "--subscribers", "1000", "--rate", "2000", "--seconds", "10"],
-    ["latency.py", "--subscribers", "100", "--rate", "10000", "--seconds", "10", "--sample-every", "5"],
+    [
+        "latency.py",
+        "--subscribers",
+        "100",
+        "--rate",
+        "10000",
+        "--seconds",
+        "10",
+        "--sample-every",
+        "5",
+    ],
 ]
 
 
