@@ -16,7 +16,6 @@ def main() -> None:
     ap.add_argument("--changes", type=int, default=1_000_000)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--value-size", type=int, default=200)
-    ap.add_argument("--keys", type=int, default=100_000, help="distinct keys written")
     ap.add_argument("--store", default="memory")
     args = ap.parse_args()
     print(f"machine: {machine()}")

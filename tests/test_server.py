@@ -187,9 +187,10 @@ def test_oversized_line_gets_too_large_and_closes() -> None:
             assert c.request({"op": "ping"})["type"] == "pong"
 
 
-def test_slow_consumer_is_cut_off_and_others_are_not_slowed() -> None:
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_slow_consumer_is_cut_off_and_others_are_not_slowed(event_loop: str) -> None:
     limit = 256 * 1024
-    with Server(port=0, max_pending=limit, heartbeat=None) as srv:
+    with Server(port=0, max_pending=limit, heartbeat=None, event_loop=event_loop) as srv:
         slow = LineClient(srv.port, rcvbuf=4096)
         assert slow.request({"op": "subscribe"})["type"] == "subscribed"
         fast = LineClient(srv.port)

@@ -177,8 +177,8 @@ class TcpConnection(asyncio.Protocol):
 
     def _set_reading(self, on: bool) -> None:
         t = self.transport
-        if t is None or self._closing or on != self._read_paused:
-            return
+        if t is None or self._closing or on is not self._read_paused:
+            return  # gone, or already reading (on) / already paused (off)
         if on:
             t.resume_reading()
         else:
