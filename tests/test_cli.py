@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,12 +19,16 @@ CMD = [sys.executable, "-m", "statecast"]
 
 
 class Proc:
-    def __init__(self, *args: str) -> None:
+    """``statecast serve`` in a directory of its own (where its default store lives)."""
+
+    def __init__(self, cwd: Path, *args: str) -> None:
+        self.cwd = cwd
         self.p = subprocess.Popen(
             [*CMD, "serve", "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            cwd=cwd,
         )
         self.lines: list[str] = []
         self.port = self._wait_port()
@@ -40,7 +45,8 @@ class Proc:
             if m:
                 return int(m.group(1))
         self.p.kill()
-        raise AssertionError("server did not start:\n" + "".join(self.lines))
+        out, _ = self.p.communicate()
+        raise AssertionError("server did not start:\n" + "".join(self.lines) + out)
 
     def stop(self, sig: int) -> tuple[int, str]:
         self.p.send_signal(sig)
@@ -49,8 +55,8 @@ class Proc:
 
 
 @pytest.fixture
-def proc() -> Iterator[Proc]:
-    p = Proc("--shutdown-grace", "2")
+def proc(tmp_path: Path) -> Iterator[Proc]:
+    p = Proc(tmp_path, "--shutdown-grace", "2")
     yield p
     if p.p.poll() is None:
         p.p.kill()
@@ -72,8 +78,8 @@ def test_signal_shuts_down_gracefully(proc: Proc, sig: int) -> None:
     assert "Traceback" not in output
 
 
-def test_demo_desk_publishes_atomic_fills() -> None:
-    p = Proc("--demo", "--shutdown-grace", "1")
+def test_demo_desk_publishes_atomic_fills(tmp_path: Path) -> None:
+    p = Proc(tmp_path, "--demo", "--shutdown-grace", "1")
     try:
         with LineClient(p.port) as c:
             c.send({"op": "sync", "live": True})
@@ -111,11 +117,12 @@ def test_demo_desk_publishes_atomic_fills() -> None:
     assert code == 0, output
 
 
-def test_bad_options_are_usage_errors() -> None:
+def test_bad_options_are_usage_errors(tmp_path: Path) -> None:
     r = subprocess.run(
         [*CMD, "serve", "--max-pending", "10"],
         capture_output=True,
         check=False,
+        cwd=tmp_path,
         text=True,
         timeout=TIMEOUT * 3,
     )
@@ -125,6 +132,7 @@ def test_bad_options_are_usage_errors() -> None:
         [*CMD, "serve", "--store", "postgres"],
         capture_output=True,
         check=False,
+        cwd=tmp_path,
         text=True,
         timeout=TIMEOUT * 3,
     )
@@ -132,12 +140,13 @@ def test_bad_options_are_usage_errors() -> None:
     assert "unknown store 'postgres'" in r.stderr
 
 
-def test_environment_variables_map_to_options() -> None:
+def test_environment_variables_map_to_options(tmp_path: Path) -> None:
     env = {**os.environ, "STATECAST_MAX_PENDING": "3"}
     r = subprocess.run(
         [*CMD, "serve", "--port", "0"],
         capture_output=True,
         check=False,
+        cwd=tmp_path,
         text=True,
         timeout=TIMEOUT * 3,
         env=env,
@@ -146,11 +155,12 @@ def test_environment_variables_map_to_options() -> None:
     assert "max_pending must be at least 65536 bytes, not 3" in r.stderr
 
 
-def test_port_in_use_is_a_clear_error(proc: Proc) -> None:
+def test_port_in_use_is_a_clear_error(proc: Proc, tmp_path: Path) -> None:
     r = subprocess.run(
-        [*CMD, "serve", "--port", str(proc.port)],
+        [*CMD, "serve", "--port", str(proc.port), "--store", "memory"],
         capture_output=True,
         check=False,
+        cwd=tmp_path,
         text=True,
         timeout=TIMEOUT * 3,
     )

@@ -36,6 +36,7 @@ def test_bursts_from_threads_wake_the_loop_rarely_and_keep_each_threads_order() 
         threads = [threading.Thread(target=producer, args=(n,)) for n in range(4)]
         for t in threads:
             t.start()
+
         def join_all() -> None:
             for t in threads:
                 t.join()

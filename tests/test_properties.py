@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from statecast.engine import Engine
 from statecast.protocol import Change, prepare_changes
-from statecast.store import MemoryStore
+from statecast.stores.memory import MemoryStore
 from tests.test_session import Peer
 
 KEYS = [f"k{i}" for i in range(8)]
@@ -161,7 +161,9 @@ def test_clients_always_end_with_the_exact_state(
             else:
                 model[(c.collection, c.key)] = c.value
             history[seq] = dict(model)
-        engine.publish(prepare_changes(changes))
+        acks: list[object] = []
+        engine.publish(prepare_changes(changes), acks.append)
+        assert acks == [seq]
         assert server_contents(engine) == model
 
     for c in initial:

@@ -8,9 +8,10 @@ import msgspec
 import pytest
 
 from statecast.engine import Engine
+from statecast.errors import ProtocolError
 from statecast.protocol import Change, prepare_changes
 from statecast.session import Session
-from statecast.store import MemoryStore
+from statecast.stores.memory import MemoryStore
 from tests.helpers import Frame, frames_of
 
 
@@ -56,7 +57,12 @@ def new_engine(retain: int = 1000) -> Engine:
 
 
 def publish(engine: Engine, *changes: Change) -> int:
-    return engine.publish(prepare_changes(list(changes)))
+    """Publish through the engine; the memory store commits before returning."""
+    results: list[int | ProtocolError] = []
+    engine.publish(prepare_changes(list(changes)), results.append)
+    (result,) = results
+    assert isinstance(result, int)
+    return result
 
 
 def by_type(frames: list[Frame], ftype: str) -> list[Frame]:

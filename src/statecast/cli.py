@@ -15,7 +15,7 @@ import click
 
 from statecast.config import Config
 from statecast.demo import TradingDesk
-from statecast.errors import ConfigError
+from statecast.errors import ConfigError, StatecastError
 from statecast.server import Server, __version__, new_event_loop
 
 __all__ = ["main", "run"]
@@ -63,7 +63,23 @@ def main() -> None:
 @main.command()
 @option("--host", default=_defaults.host, help="Address to listen on.")
 @option("--port", default=_defaults.port, type=int, help="TCP port (0: any free port).")
-@option("--store", default=_defaults.store, help="Where the state lives: 'memory'.")
+@option(
+    "--store",
+    default="sqlite",
+    help="Where the state lives: 'sqlite' (DATA_DIR/statecast.db), 'sqlite:PATH' or 'memory'.",
+)
+@option(
+    "--data-dir",
+    default=_defaults.data_dir,
+    type=click.Path(file_okay=False),
+    help="Directory of the 'sqlite' store's database.",
+)
+@option(
+    "--sqlite-synchronous",
+    default=_defaults.sqlite_synchronous,
+    type=click.Choice(["full", "normal"]),
+    help="'full': an ack survives power loss; 'normal': a process crash (see docs/durability.md).",
+)
 @option("--retain", default=_defaults.retain, type=int, help="Changes kept for resume.")
 @option(
     "--max-pending",
@@ -124,7 +140,7 @@ def run(config: Config) -> int:
     with asyncio.Runner(loop_factory=lambda: new_event_loop(config.event_loop)) as runner:
         try:
             runner.run(_serve(config))
-        except OSError as exc:
+        except (OSError, StatecastError) as exc:
             log.error("cannot start: %s", exc)
             return 1
     return 0

@@ -24,7 +24,9 @@ class Config:
     port: int = 8989  # 0 picks a free port (tests)
 
     # State
-    store: str = "memory"  # "memory"; durable stores come later
+    store: str = "memory"  # "memory", "sqlite" (in data_dir) or "sqlite:PATH"
+    data_dir: str = "."  # where "sqlite" keeps statecast.db
+    sqlite_synchronous: Literal["full", "normal"] = "full"  # see docs/durability.md
     retain: int = 1_000_000  # changes kept for resume (§3.2)
 
     # Limits
@@ -44,8 +46,14 @@ class Config:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, not {self.port}")
-        if self.store != "memory":
-            raise ConfigError(f"unknown store {self.store!r}: use 'memory'")
+        if self.store not in ("memory", "sqlite") and not self.store.startswith("sqlite:"):
+            raise ConfigError(
+                f"unknown store {self.store!r}: use 'memory', 'sqlite' or 'sqlite:PATH'"
+            )
+        if self.sqlite_synchronous not in ("full", "normal"):
+            raise ConfigError(
+                f"sqlite_synchronous must be 'full' or 'normal', not {self.sqlite_synchronous!r}"
+            )
         if self.retain < 0:
             raise ConfigError(f"retain must be >= 0, not {self.retain}")
         if self.max_pending < 64 * 1024:

@@ -24,6 +24,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from statecast.errors import StatecastError
 from statecast.protocol import Change
 
@@ -331,6 +333,8 @@ class TradingDesk:
         return len(self.traders)
 
     def start(self) -> None:
+        """Open the desk (on the server's loop thread), then start the traders."""
+        self._take_over_previous_session()
         # The opening quotes first, so that every order has a market to refer to.
         self.server.publish_nowait(
             [Change("quotes", sym, q) for sym, q in self.market.quotes.items()]
@@ -341,6 +345,28 @@ class TradingDesk:
             )
             t.start()
             self._threads.append(t)
+
+    def _take_over_previous_session(self) -> None:
+        """With a durable store, yesterday's desk is still there: its orders and
+        executions are cleared, its positions carried over to today's traders."""
+        state = self.server.engine.store.state
+        leftovers = []
+        for name in ("orders", "executions"):
+            coll = state.collections.get(name)
+            if coll is not None:
+                leftovers += [Change(name, r.key, delete=True) for r in coll.records()]
+        if leftovers:
+            self.server.publish_nowait(leftovers)
+        positions = state.collections.get("positions")
+        if positions is None:
+            return
+        by_account = {a: t for t in self.traders for a in t.accounts}
+        for rec in positions.records():
+            value = msgspec.json.decode(rec.line)["value"]
+            trader = by_account.get(value.get("account"))
+            if trader is not None:
+                trader.positions[rec.key] = value
+        log.info("demo: carried over %d positions from the previous session", len(positions))
 
     def stop(self) -> None:
         self._stop.set()

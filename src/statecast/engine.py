@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from statecast.errors import ProtocolError
 from statecast.fanout import Fanout, Selection
 from statecast.protocol import PreparedChange
 from statecast.state import Record, Snapshot
-from statecast.store import Store
+from statecast.stores import Store
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "PublishDone"]
+
+# Called once per publish, on the loop thread: with the batch's last seq, or the error.
+PublishDone = Callable[[int | ProtocolError], None]
 
 
 class Engine:
@@ -26,6 +30,7 @@ class Engine:
         self.fanout = Fanout(schedule)
         self.fanout.flushed_seq = store.state.seq
         self.changes_published = 0
+        self.publishes_failed = 0
 
     @property
     def seq(self) -> int:
@@ -35,12 +40,28 @@ class Engine:
     def epoch(self) -> str:
         return self.store.epoch
 
-    def publish(self, batch: Sequence[PreparedChange]) -> int:
-        """Apply a validated batch, queue it for subscribers, return its last seq."""
-        records = self.store.apply(batch)
-        self.changes_published += len(records)
-        self.fanout.publish(records)
-        return records[-1].seq
+    def publish(self, batch: Sequence[PreparedChange], done: PublishDone) -> None:
+        """Commit a validated batch through the store; once committed, install it
+        in the state and the log, queue it for subscribers, and call ``done``.
+
+        With the memory store all of this happens before ``publish`` returns; with a
+        durable store, once the batch is on disk (§3.3: the ack means committed).
+        """
+
+        def committed(records: list[Record] | None, error: ProtocolError | None) -> None:
+            if records is None:
+                self.publishes_failed += 1
+                assert error is not None
+                done(error)
+                return
+            store = self.store
+            store.state.install(records)
+            store.log.extend(records)
+            self.changes_published += len(records)
+            self.fanout.publish(records)
+            done(records[-1].seq)
+
+        self.store.submit(batch, committed)
 
     def snapshot(self, selection: Selection) -> Snapshot:
         """A snapshot at the current seq.

@@ -4,6 +4,7 @@
 
     StatecastError
     ├── ConfigError                  bad settings (CLI flags, Config fields)
+    ├── StoreError                   a store cannot be opened (not ours, too new, in use)
     ├── ServerStateError             misuse of the embedding API (publish before start, ...)
     └── ProtocolError                an error with a wire code (docs/protocol.md §6)
         ├── BadRequest               bad_request
@@ -37,6 +38,7 @@ __all__ = [
     "ShuttingDown",
     "SlowConsumer",
     "StatecastError",
+    "StoreError",
     "TooLarge",
     "Unauthorized",
     "Unavailable",
@@ -50,6 +52,10 @@ class StatecastError(Exception):
 
 class ConfigError(StatecastError, ValueError):
     """A setting is invalid; the message names the setting."""
+
+
+class StoreError(StatecastError):
+    """A store cannot be opened; the message names the file and the reason."""
 
 
 class ServerStateError(StatecastError, RuntimeError):

@@ -32,7 +32,7 @@ from statecast.engine import Engine
 from statecast.errors import ProtocolError, ServerStateError, ShuttingDown
 from statecast.inbox import Item, PublishInbox
 from statecast.protocol import Change, prepare_changes
-from statecast.store import MemoryStore, Store
+from statecast.stores import Store, open_store
 from statecast.tcp import TcpConnection
 
 __all__ = ["Server", "__version__", "new_event_loop"]
@@ -117,8 +117,16 @@ class Server:
         loop = self._loop = asyncio.get_running_loop()
         self.clock = loop.time()
         cfg = self.config
-        self._store = MemoryStore(cfg.retain)
-        self._engine = Engine(self._store, FlushPacer(loop, cfg.flush_interval).schedule)
+        store = open_store(cfg)
+        log.info("opening store %s", store.description)
+        try:
+            # Loading a large store takes seconds: keep the loop free meanwhile.
+            await asyncio.to_thread(store.open, loop.call_soon_threadsafe)
+        except BaseException:
+            self._loop = None
+            raise
+        self._store = store
+        self._engine = Engine(store, FlushPacer(loop, cfg.flush_interval).schedule)
         self._inbox = PublishInbox(loop, self._apply_inbox)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -132,13 +140,14 @@ class Server:
         )
         self._heartbeat_task = loop.create_task(self._heartbeats(), name="statecast-heartbeat")
         log.info(
-            "statecast %s listening on tcp://%s:%d (store %s, epoch %s, retain %d)",
+            "statecast %s listening on tcp://%s:%d (store %s, seq %d, %d records, epoch %s)",
             self.version,
             cfg.host,
             self.port,
-            cfg.store,
-            self._store.epoch,
-            cfg.retain,
+            store.description,
+            store.state.seq,
+            len(store.state),
+            store.epoch,
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -155,8 +164,12 @@ class Server:
         assert self._inbox is not None
         assert self._idle is not None
         assert self._engine is not None
+        assert self._store is not None
         self._listener.close()
         self._inbox.close()  # publishes queued before now are applied, later ones refused
+        committed = self._loop.create_future()
+        self._store.flush(lambda: committed.set_result(None))
+        await committed  # every publish received is committed (or failed) and acked
         self._engine.fanout.flush()
         for conn in list(self._connections):
             conn.shutdown()
@@ -178,8 +191,7 @@ class Server:
             self._heartbeat_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat_task
-        assert self._store is not None
-        self._store.close()
+        await asyncio.to_thread(self._store.close)
         log.info("statecast stopped at seq %d", self._engine.seq)
         self._stopped.set()
 
@@ -272,7 +284,16 @@ class Server:
         if self._on_loop_thread():
             if self.stopping:
                 raise ShuttingDown("the server is shutting down")
-            return self.engine.publish(batch)
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+            def done(result: int | ProtocolError) -> None:
+                if isinstance(result, int):
+                    fut.set_result(result)
+                else:
+                    fut.set_exception(result)
+
+            self.engine.publish(batch, done)
+            return await fut
         if self._inbox is None:
             raise ServerStateError("the server is not running: start it before publishing")
         return await asyncio.wrap_future(self._inbox.put(batch))
@@ -288,17 +309,22 @@ class Server:
     def _apply_inbox(self, items: list[Item]) -> None:
         engine = self.engine
         for batch, fut in items:
-            if fut.cancelled():
-                continue
+
+            def done(
+                result: int | ProtocolError, fut: concurrent.futures.Future[int] = fut
+            ) -> None:
+                if fut.cancelled():
+                    return
+                if isinstance(result, int):
+                    fut.set_result(result)
+                else:
+                    fut.set_exception(result)
+
             try:
-                seq = engine.publish(batch)
-            except ProtocolError as exc:
-                fut.set_exception(exc)
+                engine.publish(batch, done)
             except Exception as exc:  # a bug: report it to the caller, keep serving
                 log.exception("internal error while applying a publish")
                 fut.set_exception(exc)
-            else:
-                fut.set_result(seq)
 
     def _on_loop_thread(self) -> bool:
         try:

@@ -15,6 +15,7 @@ that buffer stays bounded.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from statecast.engine import Engine
 from statecast.errors import (
@@ -83,8 +84,13 @@ class Session:
         *,
         max_line: int,
         version: str,
+        wakeup: Callable[[], None] | None = None,
     ) -> None:
         self._engine = engine
+        # Called when output appears outside receive_data() and pump() (a durable
+        # publish's ack), so that the transport writes it.
+        self._wakeup = wakeup
+        self._busy = False
         self._subscriber = subscriber
         self._reader = LineReader(max_line)
         self._out: list[bytes] = [encode_hello(version, engine.epoch, engine.seq)]  # §2
@@ -109,7 +115,11 @@ class Session:
         if self.closing or self.closed:
             return
         self._reader.feed(data)
-        self._process()
+        self._busy = True
+        try:
+            self._process()
+        finally:
+            self._busy = False
 
     def data_to_send(self) -> bytes:
         out = self._out
@@ -123,6 +133,7 @@ class Session:
         st = self._stream
         if st is None or self.closed:
             return
+        self._busy = True
         try:
             if st.snapshot is not None:
                 self._pump_snapshot(st, max_bytes)
@@ -130,8 +141,11 @@ class Session:
                 self._pump_catch_up(st, max_bytes)
         except ProtocolError as exc:
             self._fail(exc)
-        if self._stream is None and not self.closing:
-            self._process()  # requests that waited for the stream
+        try:
+            if self._stream is None and not self.closing:
+                self._process()  # requests that waited for the stream
+        finally:
+            self._busy = False
 
     def shutdown(self) -> None:
         """§8: stop streaming, say bye, and ask to be closed."""
@@ -202,9 +216,21 @@ class Session:
             raise BadRequest("this connection already has a live subscription", request_id=rid)
 
     def _publish(self, request: PublishRequest) -> None:
-        """§3.3"""
-        seq = self._engine.publish(prepare_changes(request))
-        self._out.append(encode_ack(seq, request.id))
+        """§3.3: the ack comes once the store has committed the batch."""
+        rid = request.id
+
+        def done(result: int | ProtocolError) -> None:
+            if self.closed or self.closing:
+                return
+            if isinstance(result, int):
+                self._out.append(encode_ack(result, rid))
+            else:
+                result.request_id = rid
+                self._out.append(encode_error(result))
+            if not self._busy and self._wakeup is not None:
+                self._wakeup()  # answered later than the request: tell the transport
+
+        self._engine.publish(prepare_changes(request), done)
 
     def _sync(self, request: SyncRequest) -> None:
         """§3.1: snapshot_begin, records, snapshot_end, then (live) changes > S."""

@@ -32,7 +32,7 @@ from statecast.protocol import (
     delete_line,
 )
 
-__all__ = ["Collection", "Record", "Snapshot", "State"]
+__all__ = ["Collection", "Record", "Snapshot", "State", "encode_batch"]
 
 # How many slots a snapshot reads between checks of its byte budget.
 _SLICE = 128
@@ -66,12 +66,37 @@ class Record(msgspec.Struct, gc=False):
         return f"<Record {kind} seq={self.seq} {self.collection}/{self.key}>"
 
 
+def encode_batch(batch: Sequence[PreparedChange], first_seq: int) -> list[Record]:
+    """Give a validated batch consecutive seqs from ``first_seq`` and encode each
+    change's frame, once. Pure: any thread may call it (a store's writer does)."""
+    out: list[Record] = []
+    append = out.append
+    seq = first_seq - 1
+    names: dict[str, bytes] = {}
+    for name, key, key_json, value_json in batch:
+        seq += 1
+        if value_json is not None:
+            name_b = names.get(name)
+            if name_b is None:
+                name_b = names[name] = name.encode()
+            # §4.1, inlined from protocol.record_line: this is the hot path.
+            line = b'{"type":"record","seq":%d,"collection":"%s","key":%s,"value":%s}\n' % (
+                seq,
+                name_b,
+                key_json,
+                value_json,
+            )
+            append(Record(seq, name, key, line, False))
+        else:
+            append(Record(seq, name, key, delete_line(seq, name, key_json), True))
+    return out
+
+
 class Collection:
-    __slots__ = ("index", "live", "name", "name_bytes", "slots", "tombstones")
+    __slots__ = ("index", "live", "name", "slots", "tombstones")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.name_bytes = name.encode()
         self.index: dict[str, int] = {}
         self.slots: list[Record] = []
         self.live = 0  # records that are not tombstones
@@ -124,33 +149,28 @@ class State:
 
     # -- writing -------------------------------------------------------------
     def apply(self, batch: Sequence[PreparedChange]) -> list[Record]:
-        """Apply one batch atomically; its changes get consecutive seqs.
+        """Encode and install one batch: its changes get the next consecutive seqs."""
+        records = encode_batch(batch, self.seq + 1)
+        self.install(records)
+        return records
 
-        The caller has validated the batch (protocol.prepare_changes), so this
-        cannot fail half-way.
-        """
-        out: list[Record] = []
-        append = out.append
-        seq = self.seq
+    def install(self, records: Sequence[Record]) -> None:
+        """Make a batch of encoded records (from :func:`encode_batch`) the current
+        state, atomically: no snapshot can see part of it."""
+        if records and records[0].seq != self.seq + 1:
+            raise ValueError(f"batch starts at seq {records[0].seq}, state is at {self.seq}")
         protect = bool(self._open)
         collections = self.collections
         coll: Collection | None = None
-        for name, key, key_json, value_json in batch:
-            seq += 1
+        for rec in records:
+            name = rec.collection
             if coll is None or coll.name != name:
                 coll = collections.get(name)
                 if coll is None:
                     coll = collections[name] = Collection(name)
+            key = rec.key
             pos = coll.index.get(key)
-            if value_json is not None:
-                # §4.1, inlined from protocol.record_line: this is the hot path.
-                line = b'{"type":"record","seq":%d,"collection":"%s","key":%s,"value":%s}\n' % (
-                    seq,
-                    coll.name_bytes,
-                    key_json,
-                    value_json,
-                )
-                rec = Record(seq, name, key, line, False)
+            if not rec.deleted:
                 if pos is None:
                     coll.index[key] = len(coll.slots)
                     coll.slots.append(rec)
@@ -162,21 +182,18 @@ class State:
                     if protect:
                         self._chain(rec, old)
                     coll.slots[pos] = rec
-            else:
-                rec = Record(seq, name, key, delete_line(seq, name, key_json), True)
-                if pos is not None:
-                    old = coll.slots[pos]
-                    if not old.deleted:
-                        coll.live -= 1
-                    if protect:
-                        self._chain(rec, old)
-                        coll.slots[pos] = rec
-                        coll.tombstones.append(key)
-                    else:
-                        coll._swap_remove(key)
-            append(rec)
-        self.seq = seq
-        return out
+            elif pos is not None:
+                old = coll.slots[pos]
+                if not old.deleted:
+                    coll.live -= 1
+                if protect:
+                    self._chain(rec, old)
+                    coll.slots[pos] = rec
+                    coll.tombstones.append(key)
+                else:
+                    coll._swap_remove(key)
+        if records:
+            self.seq = records[-1].seq
 
     def load(self, records: Iterable[Record], seq: int) -> None:
         """Fill an empty state with records (a store recovering). No snapshot may be open."""

@@ -59,7 +59,9 @@ class TcpConnection(asyncio.Protocol):
             self.peer = f"{peer[0]}:{peer[1]}"
         server = self._server
         cfg = server.config
-        self.session = Session(server.engine, self, max_line=cfg.max_line, version=server.version)
+        self.session = Session(
+            server.engine, self, max_line=cfg.max_line, version=server.version, wakeup=self._after
+        )
         self.last_send = server.clock
         server._register(self)
         log.debug("connection from %s", self.peer)

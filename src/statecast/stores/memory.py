@@ -1,0 +1,35 @@
+"""The in-memory store: a batch is committed the moment it is submitted."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from statecast.changelog import ChangeLog
+from statecast.protocol import PreparedChange
+from statecast.state import State, encode_batch
+from statecast.stores import Committed, ToLoop, new_epoch
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """State and log in memory only. A new process is a new history: a new epoch."""
+
+    description = "memory"
+
+    def __init__(self, retain: int) -> None:
+        self.state = State()
+        self.log = ChangeLog(retain)
+        self.epoch = new_epoch()
+
+    def open(self, to_loop: ToLoop) -> None:
+        pass
+
+    def submit(self, batch: Sequence[PreparedChange], done: Committed) -> None:
+        done(encode_batch(batch, self.state.seq + 1), None)
+
+    def flush(self, done: Callable[[], None]) -> None:
+        done()
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,476 @@
+"""The SQLite store: the state survives restarts and crashes (docs/durability.md).
+
+One writer thread owns the database connection. Batches submitted on the loop
+thread queue up for it; it takes everything queued, gives the batches their seqs,
+writes them in **one transaction** (group commit) and only then hands the records
+back to the loop thread, which installs them in the in-memory state and acks. So an
+``ack`` always means "on disk", and nobody ever sees a change that a crash could
+take back. Reads never touch the database: the state and the change log are kept in
+memory, loaded once at start.
+
+Schema (version 1)::
+
+    statecast_meta(key PRIMARY KEY, value)   format, schema_version, epoch, seq, ...
+    records(collection, key, seq, line)      the state: one row per live record
+    changes(seq PRIMARY KEY, collection, key, deleted, line)   the retained log
+
+``line`` is the encoded frame (§4.1 ``record`` for upserts, §4.2 ``change`` for
+deletes), so loading needs no JSON work at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final
+
+from statecast.changelog import ChangeLog
+from statecast.errors import StoreError, Unavailable
+from statecast.protocol import PreparedChange
+from statecast.state import Record, State, encode_batch
+from statecast.stores import Committed, ToLoop, new_epoch
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+
+log = logging.getLogger("statecast.store")
+
+SCHEMA_VERSION: Final = 1
+FORMAT: Final = "statecast"
+
+# Migrations from version N to N + 1, run in order inside one transaction when an
+# older database is opened. Version 1 is the first: nothing to migrate yet.
+MIGRATIONS: Final[dict[int, Callable[[sqlite3.Connection], None]]] = {}
+
+_SCHEMA: Final = """
+CREATE TABLE statecast_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE records (
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    line BLOB NOT NULL,
+    PRIMARY KEY (collection, key)
+) WITHOUT ROWID;
+CREATE TABLE changes (
+    seq INTEGER PRIMARY KEY,
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    line BLOB NOT NULL
+);
+"""
+
+_UPSERT: Final = (
+    "INSERT INTO records (collection, key, seq, line) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (collection, key) DO UPDATE SET seq=excluded.seq, line=excluded.line"
+)
+_DELETE: Final = "DELETE FROM records WHERE collection=? AND key=?"
+_LOG: Final = "INSERT INTO changes (seq, collection, key, deleted, line) VALUES (?, ?, ?, ?, ?)"
+
+# How many changes one group commit takes at most, and how many log rows one trim
+# transaction deletes at most (so that trimming never holds up commits for long).
+_MAX_GROUP = 50_000
+_TRIM_STEP = 20_000
+
+
+class _Batch:
+    __slots__ = ("batch", "done", "records")
+
+    def __init__(self, batch: Sequence[PreparedChange], done: Committed) -> None:
+        self.batch = batch
+        self.done = done
+        self.records: list[Record] | None = None
+
+
+_Job = _Batch | Callable[[], None] | None  # a batch, a flush marker, or stop
+
+
+class SQLiteStore:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        retain: int,
+        synchronous: str = "full",
+        busy_timeout: float = 2.0,
+    ) -> None:
+        self.path = Path(path)
+        self.description = f"sqlite:{self.path}"
+        self.retain = retain
+        self.synchronous = synchronous.upper()
+        self.busy_timeout = busy_timeout
+        self.state = State()
+        self.log = ChangeLog(retain)
+        self.epoch = ""
+        self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._to_loop: ToLoop | None = None
+        self._committed = 0  # the seq of the last committed change
+        self._oldest_change = 1  # the oldest seq still in the changes table
+        self._healthy = True
+        self.commits = 0  # transactions committed (group commits)
+
+    # -- opening ---------------------------------------------------------------
+    def open(self, to_loop: ToLoop) -> None:
+        self._to_loop = to_loop
+        t0 = time.monotonic()
+        self._take_lock()
+        try:
+            self._inspect()
+            conn = self._connect()
+            self._load(conn)
+        except BaseException:
+            self._release_lock()
+            raise
+        self._conn = conn
+        self._thread = threading.Thread(target=self._run, name="statecast-sqlite", daemon=True)
+        self._thread.start()
+        log.info(
+            "loaded %s: %d records, seq %d, %d changes retained, in %.2fs",
+            self.path,
+            len(self.state),
+            self.state.seq,
+            len(self.log),
+            time.monotonic() - t0,
+        )
+
+    def _take_lock(self) -> None:
+        """One server per database: an exclusive flock on the file, for our lifetime.
+
+        (flock, not fcntl: SQLite's own POSIX locks are not disturbed by it.)
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError as exc:
+                raise StoreError(f"cannot open {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"{self.path} is in use by another statecast server; "
+                "give each server its own database"
+            ) from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _inspect(self) -> None:
+        """Refuse, without writing a byte, a file that is not a statecast database of
+        a version we understand."""
+        if self.path.stat().st_size == 0:
+            return  # new (or empty) file: ours to create
+        try:
+            ro = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {self.path}: {exc}") from None
+        try:
+            try:
+                tables = {
+                    row[0]
+                    for row in ro.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                }
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"{self.path} is not a statecast database ({exc})") from None
+            if not tables:
+                return
+            if "statecast_meta" not in tables:
+                shown = ", ".join(sorted(tables)[:5])
+                raise StoreError(
+                    f"{self.path} is not a statecast database (it holds other tables: {shown}); "
+                    "it was left untouched"
+                )
+            meta = dict(ro.execute("SELECT key, value FROM statecast_meta").fetchall())
+        finally:
+            ro.close()
+        if meta.get("format") != FORMAT:
+            raise StoreError(
+                f"{self.path} is not a statecast database (format {meta.get('format')!r})"
+            )
+        version = int(meta.get("schema_version", "0"))
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has format version {version}, newer than this statecast understands "
+                f"({SCHEMA_VERSION}): upgrade statecast; the file was left untouched"
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,  # explicit BEGIN/COMMIT
+            check_same_thread=False,  # opened here, then used by the writer thread only
+        )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute("PRAGMA journal_size_limit=67108864")
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if not tables:
+                self._create(conn)
+            else:
+                self._migrate(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot open {self.path}: {exc}") from None
+        return conn
+
+    def _create(self, conn: sqlite3.Connection) -> None:
+        from statecast.server import __version__  # noqa: PLC0415 (import cycle)
+
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.executemany(
+            "INSERT INTO statecast_meta (key, value) VALUES (?, ?)",
+            [
+                ("format", FORMAT),
+                ("schema_version", str(SCHEMA_VERSION)),
+                ("epoch", new_epoch()),
+                ("seq", "0"),
+                ("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+                ("created_by", f"statecast {__version__}"),
+            ],
+        )
+        conn.execute("COMMIT")
+        log.info("created %s (format version %d)", self.path, SCHEMA_VERSION)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = int(
+            conn.execute("SELECT value FROM statecast_meta WHERE key='schema_version'").fetchone()[
+                0
+            ]
+        )
+        if version == SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            while version < SCHEMA_VERSION:
+                MIGRATIONS[version](conn)
+                version += 1
+            conn.execute(
+                "UPDATE statecast_meta SET value=? WHERE key='schema_version'", (str(version),)
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("migrated %s to format version %d", self.path, version)
+
+    def _load(self, conn: sqlite3.Connection) -> None:
+        meta = dict(conn.execute("SELECT key, value FROM statecast_meta").fetchall())
+        self.epoch = meta["epoch"]
+        seq = int(meta["seq"])
+        state = self.state
+        state.load(
+            (
+                Record(s, c, k, line, False)
+                for c, k, s, line in conn.execute("SELECT collection, key, seq, line FROM records")
+            ),
+            seq,
+        )
+        first = max(1, seq - self.retain + 1)
+        row = conn.execute("SELECT min(seq) FROM changes").fetchone()
+        self._oldest_change = row[0] if row[0] is not None else seq + 1
+        start = max(first, self._oldest_change)
+        changelog = ChangeLog(self.retain, last_seq=start - 1)
+        get = state.get
+        recs: list[Record] = []
+        for s, c, k, deleted, line in conn.execute(
+            "SELECT seq, collection, key, deleted, line FROM changes WHERE seq >= ? ORDER BY seq",
+            (start,),
+        ):
+            current = None if deleted else get(c, k)
+            # A retained upsert that is still the current record shares its object.
+            recs.append(
+                current
+                if current is not None and current.seq == s
+                else Record(s, c, k, line, bool(deleted))
+            )
+            if len(recs) >= 65536:
+                self._extend_log(changelog, recs)
+                recs = []
+        self._extend_log(changelog, recs)
+        if changelog.last_seq != seq:
+            raise StoreError(
+                f"{self.path} is damaged: its change log ends at seq {changelog.last_seq}, "
+                f"its state at seq {seq}"
+            )
+        self.log = changelog
+        self._committed = seq
+
+    def _extend_log(self, changelog: ChangeLog, recs: list[Record]) -> None:
+        try:
+            changelog.extend(recs)
+        except ValueError as exc:
+            raise StoreError(f"{self.path} is damaged: {exc}") from None
+
+    # -- loop thread interface -----------------------------------------------------
+    def submit(self, batch: Sequence[PreparedChange], done: Committed) -> None:
+        self._queue.put(_Batch(batch, done))
+
+    def flush(self, done: Callable[[], None]) -> None:
+        self._queue.put(done)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+            self._conn = None
+        self._release_lock()
+
+    # -- the writer thread ---------------------------------------------------------
+    def _run(self) -> None:
+        q = self._queue
+        stop = False
+        while not stop:
+            jobs: list[_Job] = [q.get()]
+            changes = 0
+            with contextlib.suppress(queue.Empty):
+                while changes < _MAX_GROUP:
+                    job = q.get_nowait()
+                    jobs.append(job)
+                    if isinstance(job, _Batch):
+                        changes += len(job.batch)
+            group: list[_Batch] = []
+            for job in jobs:
+                if isinstance(job, _Batch):
+                    group.append(job)
+                    continue
+                # A flush marker or stop: everything before it is written first.
+                self._commit(group)
+                group = []
+                if job is None:
+                    stop = True
+                    break
+                self._post(job)
+            self._commit(group)
+            if not stop:
+                self._trim()
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        assert self._to_loop is not None
+        try:
+            self._to_loop(fn)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    def _commit(self, group: list[_Batch]) -> None:
+        if not group:
+            return
+        seq = self._committed
+        rows: list[tuple[int, str, str, int, bytes]] = []
+        last: dict[tuple[str, str], Record] = {}
+        for job in group:
+            job.records = encode_batch(job.batch, seq + 1)
+            seq += len(job.records)
+            for r in job.records:
+                rows.append((r.seq, r.collection, r.key, int(r.deleted), r.line))
+                last[(r.collection, r.key)] = r
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    _UPSERT,
+                    [(r.collection, r.key, r.seq, r.line) for r in last.values() if not r.deleted],
+                )
+                conn.executemany(
+                    _DELETE, [(r.collection, r.key) for r in last.values() if r.deleted]
+                )
+                conn.executemany(_LOG, rows)
+                conn.execute("UPDATE statecast_meta SET value=? WHERE key='seq'", (str(seq),))
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            self._failed(exc, group)
+            return
+        self._committed = seq
+        self.commits += 1
+        if not self._healthy:
+            self._healthy = True
+            log.warning("%s can be written again: publishes are accepted", self.path)
+
+        def deliver() -> None:
+            for job in group:
+                job.done(job.records, None)
+
+        self._post(deliver)
+
+    def _failed(self, exc: sqlite3.Error, group: list[_Batch]) -> None:
+        reason = str(exc)
+        if self._healthy:
+            # Once per outage, not once per publish.
+            self._healthy = False
+            log.error(
+                "cannot write %s: %s; publishes fail with 'unavailable' until it can be "
+                "written again (syncs and subscriptions go on)",
+                self.path,
+                reason,
+            )
+        # The connection may be unusable after an I/O error: open a new one next time.
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+        error = Unavailable(f"the store cannot be written ({reason}); try again later")
+
+        def fail() -> None:
+            for job in group:
+                job.done(None, Unavailable(error.message))
+
+        self._post(fail)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(
+                self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            self._conn = conn
+        return self._conn
+
+    def _trim(self) -> None:
+        """Keep the changes table near ``retain`` rows, in small steps between commits."""
+        keep_from = self._committed - self.retain + 1
+        slack = max(1000, self.retain // 10)
+        while keep_from - self._oldest_change > slack or (
+            self.retain == 0 and self._oldest_change <= self._committed
+        ):
+            upto = min(keep_from, self._oldest_change + _TRIM_STEP)
+            try:
+                conn = self._connection()
+                conn.execute("DELETE FROM changes WHERE seq < ?", (upto,))
+            except sqlite3.Error as exc:
+                log.debug("trimming the change log of %s failed: %s", self.path, exc)
+                return
+            self._oldest_change = upto
+            if not self._queue.empty():
+                return  # commits first; the rest next time
