@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -15,6 +21,7 @@ import msgspec
 TIMEOUT = float(os.environ.get("STATECAST_TEST_TIMEOUT", "10"))
 
 Frame = dict[str, Any]
+CMD = [sys.executable, "-m", "statecast"]
 
 
 def frames_of(data: bytes) -> list[Frame]:
@@ -26,6 +33,55 @@ def frames_of(data: bytes) -> list[Frame]:
             assert isinstance(obj, dict), line
             out.append(obj)
     return out
+
+
+class ServeProcess:
+    """``statecast serve`` in a directory of its own (where its default store lives)."""
+
+    def __init__(self, cwd: Path, *args: str) -> None:
+        self.cwd = cwd
+        self.p = subprocess.Popen(
+            [*CMD, "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=cwd,
+        )
+        self.lines: list[str] = []
+        self.port = self._wait_port()
+
+    def _wait_port(self) -> int:
+        assert self.p.stdout is not None
+        deadline = time.monotonic() + TIMEOUT * 3
+        while time.monotonic() < deadline:
+            line = self.p.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            m = re.search(r"listening on tcp://[^:]+:(\d+)", line)
+            if m:
+                # Keep reading its output, so that the pipe never fills and blocks it.
+                self._reader = threading.Thread(target=self._drain, daemon=True)
+                self._reader.start()
+                return int(m.group(1))
+        self.p.kill()
+        out, _ = self.p.communicate()
+        raise AssertionError("server did not start:\n" + "".join(self.lines) + out)
+
+    def _drain(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self.lines.append(line)
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        """Send ``sig``, wait for the exit; the exit status and everything it printed."""
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        self.p.wait(TIMEOUT * 3)
+        self._reader.join(TIMEOUT)
+        assert self.p.stdout is not None
+        self.p.stdout.close()
+        return self.p.returncode, "".join(self.lines)
 
 
 class FakeSubscriber:

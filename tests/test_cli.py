@@ -3,68 +3,26 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import TIMEOUT, LineClient, frames_of
-
-CMD = [sys.executable, "-m", "statecast"]
-
-
-class Proc:
-    """``statecast serve`` in a directory of its own (where its default store lives)."""
-
-    def __init__(self, cwd: Path, *args: str) -> None:
-        self.cwd = cwd
-        self.p = subprocess.Popen(
-            [*CMD, "serve", "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=cwd,
-        )
-        self.lines: list[str] = []
-        self.port = self._wait_port()
-
-    def _wait_port(self) -> int:
-        assert self.p.stdout is not None
-        deadline = time.monotonic() + TIMEOUT * 3
-        while time.monotonic() < deadline:
-            line = self.p.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            m = re.search(r"listening on tcp://[^:]+:(\d+)", line)
-            if m:
-                return int(m.group(1))
-        self.p.kill()
-        out, _ = self.p.communicate()
-        raise AssertionError("server did not start:\n" + "".join(self.lines) + out)
-
-    def stop(self, sig: int) -> tuple[int, str]:
-        self.p.send_signal(sig)
-        out, _ = self.p.communicate(timeout=TIMEOUT * 3)
-        return self.p.returncode, "".join(self.lines) + out
+from tests.helpers import CMD, TIMEOUT, LineClient, ServeProcess, frames_of
 
 
 @pytest.fixture
-def proc(tmp_path: Path) -> Iterator[Proc]:
-    p = Proc(tmp_path, "--shutdown-grace", "2")
+def proc(tmp_path: Path) -> Iterator[ServeProcess]:
+    p = ServeProcess(tmp_path, "--shutdown-grace", "2")
     yield p
-    if p.p.poll() is None:
-        p.p.kill()
-        p.p.communicate()
+    if p.p.stdout is not None and not p.p.stdout.closed:
+        p.stop(signal.SIGKILL)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_shuts_down_gracefully(proc: Proc, sig: int) -> None:
+def test_signal_shuts_down_gracefully(proc: ServeProcess, sig: int) -> None:
     with LineClient(proc.port) as c:
         c.send(b'{"op":"publish","changes":[{"collection":"c","key":"k","value":1}]}\n')
         assert c.read()["type"] == "ack"
@@ -79,7 +37,7 @@ def test_signal_shuts_down_gracefully(proc: Proc, sig: int) -> None:
 
 
 def test_demo_desk_publishes_atomic_fills(tmp_path: Path) -> None:
-    p = Proc(tmp_path, "--demo", "--shutdown-grace", "1")
+    p = ServeProcess(tmp_path, "--demo", "--shutdown-grace", "1")
     try:
         with LineClient(p.port) as c:
             c.send({"op": "sync", "live": True})
@@ -155,7 +113,7 @@ def test_environment_variables_map_to_options(tmp_path: Path) -> None:
     assert "max_pending must be at least 65536 bytes, not 3" in r.stderr
 
 
-def test_port_in_use_is_a_clear_error(proc: Proc, tmp_path: Path) -> None:
+def test_port_in_use_is_a_clear_error(proc: ServeProcess, tmp_path: Path) -> None:
     r = subprocess.run(
         [*CMD, "serve", "--port", str(proc.port), "--store", "memory"],
         capture_output=True,

@@ -27,6 +27,7 @@ class Config:
     store: str = "memory"  # "memory", "sqlite" (in data_dir) or "sqlite:PATH"
     data_dir: str = "."  # where "sqlite" keeps statecast.db
     sqlite_synchronous: Literal["full", "normal"] = "full"  # see docs/durability.md
+    sqlite_busy_timeout: float = 2.0  # seconds a commit waits for another process's lock
     retain: int = 1_000_000  # changes kept for resume (§3.2)
 
     # Limits

@@ -63,5 +63,10 @@ def open_store(config: Config) -> Store:
     if spec == "sqlite" or spec.startswith("sqlite:"):
         path = spec.removeprefix("sqlite").removeprefix(":")
         db = Path(path) if path else Path(config.data_dir) / "statecast.db"
-        return SQLiteStore(db, retain=config.retain, synchronous=config.sqlite_synchronous)
+        return SQLiteStore(
+            db,
+            retain=config.retain,
+            synchronous=config.sqlite_synchronous,
+            busy_timeout=config.sqlite_busy_timeout,
+        )
     raise ConfigError(f"unknown store {spec!r}: use 'memory', 'sqlite' or 'sqlite:PATH'")
