@@ -151,8 +151,8 @@ def test_sigkill_while_publishing_loses_nothing_acknowledged(tmp_path: Path) -> 
     for (_, key), _value in data.items():
         tag, num, part = key.rsplit("-", 2)
         present.setdefault((tag, int(num)), set()).add(part)
-    for (tag, num), parts in present.items():
-        assert parts == {"a", "b", "c"}, f"batch {tag}-{num} is partial: {parts}"
+    for (tag, n), parts in present.items():
+        assert parts == {"a", "b", "c"}, f"batch {tag}-{n} is partial: {parts}"
     for tag, ks in acked.items():
         missing = [k for k in ks if (tag, k) not in present]
         assert not missing, f"acknowledged batches of {tag} lost: {missing[:10]}"
