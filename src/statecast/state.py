@@ -22,7 +22,9 @@ A snapshot's own memory is a cursor: a position and a few references.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
+from operator import attrgetter
 
 import msgspec
 
@@ -196,17 +198,23 @@ class State:
             self.seq = records[-1].seq
 
     def load(self, records: Iterable[Record], seq: int) -> None:
-        """Fill an empty state with records (a store recovering). No snapshot may be open."""
-        if self._open or self.collections:
+        """Fill an empty state with records (a store recovering), at ``seq``.
+
+        Records of one collection should come together (a store reads them in key
+        order): each run of them is added in bulk.
+        """
+        if self._open or self.collections or self.seq:
             raise RuntimeError("load() needs an empty state with no open snapshot")
         collections = self.collections
-        for rec in records:
-            coll = collections.get(rec.collection)
+        for name, group in itertools.groupby(records, key=attrgetter("collection")):
+            coll = collections.get(name)
             if coll is None:
-                coll = collections[rec.collection] = Collection(rec.collection)
-            coll.index[rec.key] = len(coll.slots)
-            coll.slots.append(rec)
-            coll.live += 1
+                coll = collections[name] = Collection(name)
+            base = len(coll.slots)
+            recs = list(group)
+            coll.slots.extend(recs)
+            coll.index.update({r.key: base + i for i, r in enumerate(recs)})
+            coll.live += len(recs)
         self.seq = seq
 
     def _chain(self, new: Record, old: Record) -> None:

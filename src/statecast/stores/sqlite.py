@@ -12,10 +12,12 @@ Schema (version 1)::
 
     statecast_meta(key PRIMARY KEY, value)   format, schema_version, epoch, seq, ...
     records(collection, key, seq, line)      the state: one row per live record
-    changes(seq PRIMARY KEY, collection, key, deleted, line)   the retained log
+    changes(first_seq PRIMARY KEY, last_seq, body)   the retained log, one row per commit
 
 ``line`` is the encoded frame (§4.1 ``record`` for upserts, §4.2 ``change`` for
-deletes), so loading needs no JSON work at all.
+deletes), so loading needs no JSON work at all. A ``changes`` row holds every change
+of one group commit, as a msgpack array of ``[collection, key, deleted, line]`` in seq
+order: one row written per commit instead of one per change.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
+
+import msgspec
 
 from statecast.changelog import ChangeLog
 from statecast.errors import StoreError, Unavailable
@@ -59,11 +63,9 @@ CREATE TABLE records (
     PRIMARY KEY (collection, key)
 ) WITHOUT ROWID;
 CREATE TABLE changes (
-    seq INTEGER PRIMARY KEY,
-    collection TEXT NOT NULL,
-    key TEXT NOT NULL,
-    deleted INTEGER NOT NULL,
-    line BLOB NOT NULL
+    first_seq INTEGER PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    body BLOB NOT NULL
 );
 """
 
@@ -72,12 +74,14 @@ _UPSERT: Final = (
     "ON CONFLICT (collection, key) DO UPDATE SET seq=excluded.seq, line=excluded.line"
 )
 _DELETE: Final = "DELETE FROM records WHERE collection=? AND key=?"
-_LOG: Final = "INSERT INTO changes (seq, collection, key, deleted, line) VALUES (?, ?, ?, ?, ?)"
+_LOG: Final = "INSERT INTO changes (first_seq, last_seq, body) VALUES (?, ?, ?)"
+_encode_segment = msgspec.msgpack.Encoder().encode
+_decode_segment = msgspec.msgpack.Decoder(list[tuple[str, str, bool, bytes]]).decode
 
-# How many changes one group commit takes at most, and how many log rows one trim
-# transaction deletes at most (so that trimming never holds up commits for long).
+# How many changes one group commit takes at most, and how many commit segments one
+# trim transaction deletes at most (so that trimming never holds up commits for long).
 _MAX_GROUP = 50_000
-_TRIM_STEP = 20_000
+_TRIM_STEP = 200
 
 
 class _Batch:
@@ -280,36 +284,36 @@ class SQLiteStore:
         meta = dict(conn.execute("SELECT key, value FROM statecast_meta").fetchall())
         self.epoch = meta["epoch"]
         seq = int(meta["seq"])
-        state = self.state
-        state.load(
-            (
-                Record(s, c, k, line, False)
-                for c, k, s, line in conn.execute("SELECT collection, key, seq, line FROM records")
-            ),
-            seq,
-        )
         first = max(1, seq - self.retain + 1)
-        row = conn.execute("SELECT min(seq) FROM changes").fetchone()
+        row = conn.execute("SELECT min(first_seq) FROM changes").fetchone()
         self._oldest_change = row[0] if row[0] is not None else seq + 1
         start = max(first, self._oldest_change)
+        # The records, in primary key order (so by collection); the retained ones
+        # indexed by seq, so that the log can share their objects.
+        by_seq: dict[int, Record] = {}
+        records: list[Record] = []
+        for c, k, s, line in conn.execute("SELECT collection, key, seq, line FROM records"):
+            rec = Record(s, c, k, line, False)
+            records.append(rec)
+            if s >= start:
+                by_seq[s] = rec
+        self.state.load(records, seq)
+        del records
         changelog = ChangeLog(self.retain, last_seq=start - 1)
-        get = state.get
-        recs: list[Record] = []
-        for s, c, k, deleted, line in conn.execute(
-            "SELECT seq, collection, key, deleted, line FROM changes WHERE seq >= ? ORDER BY seq",
+        for first_seq, body in conn.execute(
+            "SELECT first_seq, body FROM changes WHERE last_seq >= ? ORDER BY first_seq",
             (start,),
         ):
-            current = None if deleted else get(c, k)
-            # A retained upsert that is still the current record shares its object.
-            recs.append(
-                current
-                if current is not None and current.seq == s
-                else Record(s, c, k, line, bool(deleted))
-            )
-            if len(recs) >= 65536:
-                self._extend_log(changelog, recs)
-                recs = []
-        self._extend_log(changelog, recs)
+            recs: list[Record] = []
+            s = first_seq - 1
+            for c, k, deleted, line in _decode_segment(body):
+                s += 1
+                if s < start:
+                    continue
+                # A retained upsert that is still the current record shares its object.
+                current = by_seq.get(s)
+                recs.append(current if current is not None else Record(s, c, k, line, deleted))
+            self._extend_log(changelog, recs)
         if changelog.last_seq != seq:
             raise StoreError(
                 f"{self.path} is damaged: its change log ends at seq {changelog.last_seq}, "
@@ -383,13 +387,13 @@ class SQLiteStore:
         if not group:
             return
         seq = self._committed
-        rows: list[tuple[int, str, str, int, bytes]] = []
-        last: dict[tuple[str, str], Record] = {}
+        segment: list[tuple[str, str, bool, bytes]] = []
+        last: dict[tuple[str, str], Record] = {}  # the last change to each key wins
         for job in group:
             job.records = encode_batch(job.batch, seq + 1)
             seq += len(job.records)
             for r in job.records:
-                rows.append((r.seq, r.collection, r.key, int(r.deleted), r.line))
+                segment.append((r.collection, r.key, r.deleted, r.line))
                 last[(r.collection, r.key)] = r
         try:
             conn = self._connection()
@@ -402,7 +406,7 @@ class SQLiteStore:
                 conn.executemany(
                     _DELETE, [(r.collection, r.key) for r in last.values() if r.deleted]
                 )
-                conn.executemany(_LOG, rows)
+                conn.execute(_LOG, (self._committed + 1, seq, _encode_segment(segment)))
                 conn.execute("UPDATE statecast_meta SET value=? WHERE key='seq'", (str(seq),))
                 conn.execute("COMMIT")
             except BaseException:
@@ -458,19 +462,22 @@ class SQLiteStore:
         return self._conn
 
     def _trim(self) -> None:
-        """Keep the changes table near ``retain`` rows, in small steps between commits."""
+        """Keep about ``retain`` changes on disk: drop whole commit segments that
+        hold only older changes, a few at a time between commits."""
         keep_from = self._committed - self.retain + 1
         slack = max(1000, self.retain // 10)
-        while keep_from - self._oldest_change > slack or (
-            self.retain == 0 and self._oldest_change <= self._committed
-        ):
-            upto = min(keep_from, self._oldest_change + _TRIM_STEP)
+        while keep_from - self._oldest_change > slack:
             try:
                 conn = self._connection()
-                conn.execute("DELETE FROM changes WHERE seq < ?", (upto,))
+                deleted = conn.execute(
+                    "DELETE FROM changes WHERE first_seq IN (SELECT first_seq FROM changes "
+                    "WHERE last_seq < ? ORDER BY first_seq LIMIT ?)",
+                    (keep_from, _TRIM_STEP),
+                ).rowcount
+                row = conn.execute("SELECT min(first_seq) FROM changes").fetchone()
             except sqlite3.Error as exc:
                 log.debug("trimming the change log of %s failed: %s", self.path, exc)
                 return
-            self._oldest_change = upto
-            if not self._queue.empty():
+            self._oldest_change = row[0] if row[0] is not None else self._committed + 1
+            if not deleted or not self._queue.empty():
                 return  # commits first; the rest next time
