@@ -14,7 +14,9 @@ RUNS = [
     ["fanout.py", "--subscribers", "1000", "--changes", "20000", "--batch", "100"],
     ["fanout.py", "--subscribers", "1000", "--changes", "5000", "--batch", "1", "--no-redis"],
     ["snapshot.py", "--records", "1000000", "--value-size", "200"],
-    ["ingest.py", "--changes", "1000000", "--batch", "1000"],
+    ["ingest.py", "--changes", "1000000", "--batch", "1000", "--store", "memory"],
+    ["ingest.py", "--changes", "1000000", "--batch", "1000", "--store", "sqlite"],
+    ["startup.py", "--records", "1000000", "--retain", "1000000"],
     ["latency.py", "--subscribers", "1000", "--rate", "10000", "--seconds", "10"],
     ["latency.py", "--subscribers", "1000", "--rate", "2000", "--seconds", "10"],
     [

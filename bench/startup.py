@@ -24,8 +24,22 @@ from load import publish_all, publish_lines
 
 def start(db: Path, port: int, retain: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "statecast", "serve", "--port", str(port), "--store",
-         f"sqlite:{db}", "--retain", str(retain), "--heartbeat", "0", "--log-level", "warning"]
+        [
+            sys.executable,
+            "-m",
+            "statecast",
+            "serve",
+            "--port",
+            str(port),
+            "--store",
+            f"sqlite:{db}",
+            "--retain",
+            str(retain),
+            "--heartbeat",
+            "0",
+            "--log-level",
+            "warning",
+        ]
     )
 
 

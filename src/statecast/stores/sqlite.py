@@ -37,7 +37,7 @@ from typing import Final
 import msgspec
 
 from statecast.changelog import ChangeLog
-from statecast.errors import StoreError, Unavailable
+from statecast.errors import InternalError, StoreError, Unavailable
 from statecast.protocol import PreparedChange
 from statecast.state import Record, State, encode_batch
 from statecast.stores import Committed, ToLoop, new_epoch
@@ -415,6 +415,16 @@ class SQLiteStore:
                 raise
         except sqlite3.Error as exc:
             self._failed(exc, group)
+            return
+        except Exception:  # a bug: fail these publishes, keep the writer alive
+            log.exception("internal error while committing to %s", self.path)
+            self._conn = None
+
+            def fail_internal() -> None:
+                for job in group:
+                    job.done(None, InternalError("internal error while committing"))
+
+            self._post(fail_internal)
             return
         self._committed = seq
         self.commits += 1
