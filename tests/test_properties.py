@@ -37,6 +37,7 @@ class Replica:
         self.peer: Peer | None = None
         self._snapshot: dict[tuple[str, str], Any] | None = None
         self._snapshot_seq = -1
+        self._snapshot_total = -1
         self.resyncs = 0
 
     def connect(self) -> None:
@@ -72,6 +73,7 @@ class Replica:
             elif t == "snapshot_begin":
                 self._snapshot = {}
                 self._snapshot_seq = f["seq"]
+                self._snapshot_total = f["count"]
                 self.epoch = f["epoch"]
             elif t == "record":
                 assert self._snapshot is not None
@@ -82,7 +84,7 @@ class Replica:
             elif t == "snapshot_end":
                 assert self._snapshot is not None
                 assert f["seq"] == self._snapshot_seq
-                assert f["count"] == len(self._snapshot)
+                assert f["count"] == len(self._snapshot) == self._snapshot_total
                 # Exactly the state after change S: nothing more, nothing less.
                 assert self._snapshot == self.selected(self.history[f["seq"]])
                 self.data, self._snapshot = self._snapshot, None

@@ -91,7 +91,7 @@ def test_sync_streams_in_steps_and_ends_with_count() -> None:
     peer.frames()
     peer.send({"op": "sync", "id": "s1"})
     assert peer.frames() == [
-        {"type": "snapshot_begin", "seq": 1000, "epoch": engine.epoch, "id": "s1"}
+        {"type": "snapshot_begin", "seq": 1000, "epoch": engine.epoch, "id": "s1", "count": 1000}
     ]
     steps = 0
     while peer.session.streaming:

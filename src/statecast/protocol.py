@@ -22,6 +22,7 @@ __all__ = [
     "PreparedChange",
     "PublishRequest",
     "Request",
+    "StatsRequest",
     "SubscribeRequest",
     "SyncRequest",
     "change_line_from_record_line",
@@ -34,6 +35,7 @@ __all__ = [
     "encode_pong",
     "encode_snapshot_begin",
     "encode_snapshot_end",
+    "encode_stats",
     "encode_subscribed",
     "parse_request",
     "prepare_change",
@@ -94,17 +96,24 @@ class PingRequest(msgspec.Struct, tag_field="op", tag="ping"):
     id: RequestId = None
 
 
-Request: TypeAlias = SyncRequest | SubscribeRequest | PublishRequest | PingRequest
+class StatsRequest(msgspec.Struct, tag_field="op", tag="stats"):
+    """§3.5 ``stats``."""
+
+    id: RequestId = None
+
+
+Request: TypeAlias = SyncRequest | SubscribeRequest | PublishRequest | PingRequest | StatsRequest
 
 _request_decoder = msgspec.json.Decoder(Request)
 _any_decoder = msgspec.json.Decoder()
 
-# §3.5: words understood on lines that are not JSON, for people typing into nc.
+# §3.6: words understood on lines that are not JSON, for people typing into nc.
 _WORDS: Final[dict[bytes, Request]] = {
     b"sync": SyncRequest(),
     b"watch": SyncRequest(live=True),
     b"subscribe": SubscribeRequest(),
     b"ping": PingRequest(),
+    b"stats": StatsRequest(),
 }
 
 
@@ -131,7 +140,7 @@ def parse_request(line: bytes) -> Request:
             shown = word[:40].decode("utf-8", "replace")
             raise BadRequest(
                 f"unknown command {shown!r}: send a JSON request, or one of "
-                "sync, watch, subscribe, ping"
+                "sync, watch, subscribe, ping, stats"
             )
         # The table holds immutable defaults; hand out a copy.
         return msgspec.structs.replace(template)
@@ -324,8 +333,15 @@ def encode_hello(version: str, epoch: str, seq: int) -> bytes:
     )
 
 
-def encode_snapshot_begin(seq: int, epoch: str, rid: RequestId) -> bytes:
-    return _frame(_with_id({"type": "snapshot_begin", "seq": seq, "epoch": epoch}, rid))
+def encode_snapshot_begin(seq: int, epoch: str, rid: RequestId, count: int | None = None) -> bytes:
+    frame: dict[str, Any] = {"type": "snapshot_begin", "seq": seq, "epoch": epoch}
+    if count is not None:
+        frame["count"] = count  # §3.1: the number of records to come, for progress bars
+    return _frame(_with_id(frame, rid))
+
+
+def encode_stats(stats: dict[str, Any], rid: RequestId) -> bytes:
+    return _frame(_with_id({"type": "stats", **stats}, rid))
 
 
 def encode_snapshot_end(seq: int, count: int, rid: RequestId) -> bytes:

@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
@@ -104,6 +105,7 @@ class Server:
         self._stopped: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self.stopping = False
+        self._started_at = 0.0
         self.clock = 0.0  # loop time, refreshed by the heartbeat timer
         # Counters (metrics come later; the same numbers feed them).
         self.connections_accepted = 0
@@ -116,6 +118,7 @@ class Server:
             raise ServerStateError("this server was started already")
         loop = self._loop = asyncio.get_running_loop()
         self.clock = loop.time()
+        self._started_at = time.monotonic()
         cfg = self.config
         store = open_store(cfg)
         log.info("opening store %s", store.description)
@@ -368,7 +371,10 @@ class Server:
             "changes_published": engine.changes_published,
             "deliveries": engine.fanout.deliveries,
             "slow_consumer_disconnects": self.slow_consumer_disconnects,
+            "publishes_failed": engine.publishes_failed,
             "retained_changes": len(engine.store.log),
+            "store": engine.store.description,
+            "uptime": round(time.monotonic() - self._started_at, 3),
         }
 
     # -- connections -----------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from statecast.engine import Engine
 from statecast.errors import (
@@ -32,6 +33,7 @@ from statecast.protocol import (
     PingRequest,
     PublishRequest,
     RequestId,
+    StatsRequest,
     SubscribeRequest,
     SyncRequest,
     encode_ack,
@@ -41,6 +43,7 @@ from statecast.protocol import (
     encode_pong,
     encode_snapshot_begin,
     encode_snapshot_end,
+    encode_stats,
     encode_subscribed,
     parse_request,
     prepare_changes,
@@ -85,8 +88,10 @@ class Session:
         max_line: int,
         version: str,
         wakeup: Callable[[], None] | None = None,
+        stats: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._engine = engine
+        self._stats = stats
         # Called when output appears outside receive_data() and pump() (a durable
         # publish's ack), so that the transport writes it.
         self._wakeup = wakeup
@@ -202,6 +207,10 @@ class Session:
                 self._subscribe(request)
             elif isinstance(request, PingRequest):
                 self._out.append(encode_pong(self._engine.seq, rid))
+            elif isinstance(request, StatsRequest):
+                if self._stats is None:
+                    raise BadRequest("this server does not expose stats", request_id=rid)
+                self._out.append(encode_stats(self._stats(), rid))
         except ProtocolError as exc:
             self._out.append(encode_error(exc))
         except Exception:
@@ -241,7 +250,7 @@ class Session:
             self._live_requested = True
             self._selection = selection
         snap = self._engine.snapshot(selection)
-        self._out.append(encode_snapshot_begin(snap.seq, self._engine.epoch, rid))
+        self._out.append(encode_snapshot_begin(snap.seq, self._engine.epoch, rid, snap.total))
         self._stream = _Stream(snap, snap.seq, request.live, selection, rid)
 
     def _subscribe(self, request: SubscribeRequest) -> None:

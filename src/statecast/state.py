@@ -297,13 +297,14 @@ class State:
 class Snapshot:
     """A cursor over the state as it was at ``seq``; read it in chunks with ``read``."""
 
-    __slots__ = ("_colls", "_ends", "_i", "_pos", "_state", "count", "seq")
+    __slots__ = ("_colls", "_ends", "_i", "_pos", "_state", "count", "seq", "total")
 
     def __init__(self, state: State, seq: int, colls: list[Collection]) -> None:
         self._state: State | None = state
         self.seq = seq
         self._colls = colls
         self._ends = [len(c.slots) for c in colls]
+        self.total = sum(c.live for c in colls)  # records it will return in all
         self._i = 0
         self._pos = 0
         self.count = 0  # records returned so far

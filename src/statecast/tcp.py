@@ -60,7 +60,12 @@ class TcpConnection(asyncio.Protocol):
         server = self._server
         cfg = server.config
         self.session = Session(
-            server.engine, self, max_line=cfg.max_line, version=server.version, wakeup=self._after
+            server.engine,
+            self,
+            max_line=cfg.max_line,
+            version=server.version,
+            wakeup=self._after,
+            stats=server.stats,
         )
         self.last_send = server.clock
         server._register(self)
