@@ -6,6 +6,7 @@
     ├── ConfigError                  bad settings (CLI flags, Config fields)
     ├── StoreError                   a store cannot be opened (not ours, too new, in use)
     ├── ServerStateError             misuse of the embedding API (publish before start, ...)
+    ├── ConnectionClosed             a client's connection failed or ended
     └── ProtocolError                an error with a wire code (docs/protocol.md §6)
         ├── BadRequest               bad_request
         ├── TooLarge                 too_large
@@ -30,6 +31,7 @@ __all__ = [
     "ERRORS_BY_CODE",
     "BadRequest",
     "ConfigError",
+    "ConnectionClosed",
     "Forbidden",
     "InternalError",
     "ProtocolError",
@@ -60,6 +62,10 @@ class StoreError(StatecastError):
 
 class ServerStateError(StatecastError, RuntimeError):
     """The embedding API was used at the wrong time (e.g. publish on a stopped server)."""
+
+
+class ConnectionClosed(StatecastError, ConnectionError):
+    """A client cannot reach the server, or its connection ended."""
 
 
 class ProtocolError(StatecastError):

@@ -1,0 +1,413 @@
+"""The asyncio client: one connection to a statecast server (docs/client.md).
+
+::
+
+    async with statecast.Client("tcp://127.0.0.1:8989") as client:
+        seq = await client.publish([statecast.Change("orders", "O-1", {"qty": 100})])
+        async for frame in client.sync(live=True):
+            ...   # Record frames, SnapshotEnd, then Change frames, forever
+
+Frames are typed (:class:`Record`, :class:`ChangeFrame`, ...); errors come from the
+one exception hierarchy (:mod:`statecast.errors`). Many publishes may be in flight at
+once; each one's future resolves with its ack. For a local copy of the state that
+stays in sync through disconnects, use :class:`statecast.Replica`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Self, TypeAlias, cast
+from urllib.parse import urlsplit
+
+import msgspec
+
+from statecast.errors import ConnectionClosed, ProtocolError, StatecastError, error_from_code
+from statecast.protocol import Change, prepare_changes
+
+__all__ = [
+    "Ack",
+    "Bye",
+    "ChangeFrame",
+    "Client",
+    "ErrorFrame",
+    "Frame",
+    "Heartbeat",
+    "Hello",
+    "Pong",
+    "Record",
+    "SnapshotBegin",
+    "SnapshotEnd",
+    "Stats",
+    "Subscribed",
+    "parse_url",
+]
+
+DEFAULT_URL = "tcp://127.0.0.1:8989"
+RequestId: TypeAlias = int | str | None
+
+
+# -- typed frames (docs/protocol.md §2-§4) --------------------------------------
+class Hello(msgspec.Struct, tag_field="type", tag="hello"):
+    server: str
+    version: str
+    protocol: int
+    epoch: str
+    seq: int
+
+
+class SnapshotBegin(msgspec.Struct, tag_field="type", tag="snapshot_begin"):
+    seq: int
+    epoch: str
+    count: int | None = None
+    id: RequestId = None
+
+
+class Record(msgspec.Struct, tag_field="type", tag="record"):
+    seq: int
+    collection: str
+    key: str
+    value: Any = None
+
+
+class SnapshotEnd(msgspec.Struct, tag_field="type", tag="snapshot_end"):
+    seq: int
+    count: int
+    id: RequestId = None
+
+
+class Subscribed(msgspec.Struct, tag_field="type", tag="subscribed"):
+    seq: int
+    epoch: str
+    id: RequestId = None
+
+
+class ChangeFrame(msgspec.Struct, tag_field="type", tag="change"):
+    seq: int
+    collection: str
+    key: str
+    value: Any = None
+    deleted: bool = False
+
+
+class Heartbeat(msgspec.Struct, tag_field="type", tag="heartbeat"):
+    seq: int
+
+
+class Ack(msgspec.Struct, tag_field="type", tag="ack"):
+    seq: int
+    id: RequestId = None
+
+
+class Pong(msgspec.Struct, tag_field="type", tag="pong"):
+    seq: int
+    id: RequestId = None
+
+
+class Stats(msgspec.Struct, tag_field="type", tag="stats", forbid_unknown_fields=False):
+    seq: int
+    epoch: str
+    connections: int = 0
+    subscribers: int = 0
+    records: int = 0
+    changes_published: int = 0
+    deliveries: int = 0
+    slow_consumer_disconnects: int = 0
+    publishes_failed: int = 0
+    retained_changes: int = 0
+    store: str = ""
+    uptime: float = 0.0
+    id: RequestId = None
+
+
+class ErrorFrame(msgspec.Struct, tag_field="type", tag="error"):
+    code: str
+    message: str
+    id: RequestId = None
+
+    def exception(self) -> ProtocolError:
+        return error_from_code(self.code, self.message, request_id=self.id)
+
+
+class Bye(msgspec.Struct, tag_field="type", tag="bye"):
+    reason: str = "shutdown"
+
+
+Frame: TypeAlias = (
+    Hello
+    | SnapshotBegin
+    | Record
+    | SnapshotEnd
+    | Subscribed
+    | ChangeFrame
+    | Heartbeat
+    | Ack
+    | Pong
+    | Stats
+    | ErrorFrame
+    | Bye
+)
+_decoder = msgspec.json.Decoder(Frame)
+# Answers that resolve a request's future; the others go to the frame stream.
+_ANSWERS = (Ack, Pong, Subscribed, Stats, ErrorFrame)
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """``tcp://host:port`` (or ``host:port``, ``host``) to ``(host, port)``."""
+    if "://" not in url:
+        url = "tcp://" + url
+    parts = urlsplit(url)
+    if parts.scheme != "tcp":
+        raise StatecastError(f"unsupported URL scheme {parts.scheme!r} in {url!r}: use tcp://")
+    try:
+        port = parts.port or 8989
+    except ValueError:
+        raise StatecastError(f"invalid port in {url!r}") from None
+    return parts.hostname or "127.0.0.1", port
+
+
+class Client:
+    """One connection. Not thread-safe: use it from one event loop."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        connect_timeout: float = 10.0,
+        max_line: int = 64 * 1024 * 1024,
+        queue_frames: int = 10_000,
+    ) -> None:
+        self.url = url
+        self.host, self.port = parse_url(url)
+        self.connect_timeout = connect_timeout
+        self.max_line = max_line
+        self.hello: Hello | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pending: dict[RequestId, asyncio.Future[Any]] = {}
+        # Unsolicited frames (snapshots, changes, heartbeats, bye), bounded: a slow
+        # consumer stops the reader, and TCP pushes back to the server.
+        self._frames: asyncio.Queue[Frame | BaseException] = asyncio.Queue(queue_frames)
+        self._ids = itertools.count(1)
+        self._closed: BaseException | None = None
+        self.bytes_received = 0
+
+    # -- connection ----------------------------------------------------------------
+    async def connect(self) -> Hello:
+        """Open the connection; returns the server's hello (§2)."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, limit=self.max_line),
+                self.connect_timeout,
+            )
+            line = await asyncio.wait_for(reader.readline(), self.connect_timeout)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ConnectionClosed(f"cannot connect to {self.url}: {exc or 'timed out'}") from exc
+        self._reader, self._writer = reader, writer
+        self.bytes_received += len(line)
+        try:
+            hello = _decoder.decode(line)
+        except msgspec.MsgspecError:
+            hello = None
+        if not isinstance(hello, Hello):
+            writer.close()
+            raise ConnectionClosed(f"{self.url} is not a statecast server (no hello)")
+        self.hello = hello
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+        return hello
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await self._writer.wait_closed()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._fail_all(ConnectionClosed("the connection was closed"))
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def epoch(self) -> str:
+        return self.hello.epoch if self.hello else ""
+
+    # -- requests ------------------------------------------------------------------
+    async def publish(self, changes: Iterable[Change | Mapping[str, Any]] | Change) -> int:
+        """Publish one atomic batch; returns the seq of its last change once the
+        server has applied (with a durable store: committed) it."""
+        batch = [
+            {"collection": c, "key": k, "delete": True}
+            if v is None
+            else {"collection": c, "key": k, "value": msgspec.Raw(v)}
+            for c, k, _kj, v in prepare_changes(changes)
+        ]
+        ack = await self._request({"op": "publish", "changes": batch})
+        assert isinstance(ack, Ack)
+        return ack.seq
+
+    async def ping(self) -> int:
+        """The server's current seq."""
+        pong = await self._request({"op": "ping"})
+        assert isinstance(pong, Pong)
+        return pong.seq
+
+    async def stats(self) -> Stats:
+        stats = await self._request({"op": "stats"})
+        assert isinstance(stats, Stats)
+        return stats
+
+    async def subscribe(
+        self,
+        *,
+        after: int | None = None,
+        epoch: str | None = None,
+        collections: Iterable[str] | None = None,
+    ) -> Subscribed:
+        """Subscribe to changes after seq ``after`` (default: now); they arrive
+        through :meth:`frames`. Raises :class:`ResyncRequired` when the server cannot
+        resume from there (§3.2)."""
+        req: dict[str, Any] = {"op": "subscribe"}
+        if after is not None:
+            req["from"] = after
+        if epoch is not None:
+            req["epoch"] = epoch
+        if collections is not None:
+            req["collections"] = list(collections)
+        sub = await self._request(req)
+        assert isinstance(sub, Subscribed)
+        return sub
+
+    async def sync(
+        self, *, collections: Iterable[str] | None = None, live: bool = False
+    ) -> AsyncIterator[Frame]:
+        """Request a snapshot (§3.1): yields SnapshotBegin, the Records and
+        SnapshotEnd; with ``live``, then every later frame (changes, heartbeats) until
+        the connection ends."""
+        rid = next(self._ids)
+        req: dict[str, Any] = {"op": "sync", "id": rid}
+        if collections is not None:
+            req["collections"] = list(collections)
+        if live:
+            req["live"] = True
+        self._send(req)
+        async for frame in self.frames():
+            if isinstance(frame, ErrorFrame) and frame.id == rid:
+                raise frame.exception()
+            yield frame
+            if not live and isinstance(frame, SnapshotEnd) and frame.id == rid:
+                return
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        """The frames the server sends on its own, in order. Ends with the connection
+        (after a :class:`Bye`, or by raising :class:`ConnectionClosed` or the error
+        that closed it)."""
+        while True:
+            item = await self._frames.get()
+            if isinstance(item, BaseException):
+                self._frames.put_nowait(item)  # for the next reader too
+                if isinstance(item, _EndOfStream):
+                    return
+                raise item
+            yield item
+
+    # -- internals -----------------------------------------------------------------
+    def _send(self, req: dict[str, Any]) -> None:
+        if self._closed is not None:
+            raise ConnectionClosed(f"the connection to {self.url} is closed") from self._closed
+        if self._writer is None:
+            raise ConnectionClosed("not connected: call connect() first")
+        self._writer.write(msgspec.json.encode(req) + b"\n")
+
+    async def _request(self, req: dict[str, Any]) -> Frame:
+        rid = next(self._ids)
+        req["id"] = rid
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            self._send(req)
+            answer = await fut
+        finally:
+            self._pending.pop(rid, None)
+        if isinstance(answer, ErrorFrame):
+            raise answer.exception()
+        return cast(Frame, answer)
+
+    async def _read_loop(self) -> None:
+        reader = self._reader
+        assert reader is not None
+        error: BaseException
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # longer than max_line
+                    error = ProtocolError(f"a frame longer than {self.max_line} bytes")
+                    break
+                if not line:
+                    error = ConnectionClosed(f"{self.url} closed the connection")
+                    break
+                if not line.endswith(b"\n"):
+                    error = ConnectionClosed(f"{self.url} closed the connection mid-frame")
+                    break
+                self.bytes_received += len(line)
+                try:
+                    frame = _decoder.decode(line)
+                except msgspec.ValidationError:
+                    continue  # a frame type this client does not know: ignore it
+                except msgspec.DecodeError as exc:
+                    error = ProtocolError(f"malformed frame from the server: {exc}")
+                    break
+                if isinstance(frame, _ANSWERS) and frame.id in self._pending:
+                    fut = self._pending.pop(frame.id)
+                    if not fut.done():
+                        fut.set_result(frame)
+                    continue
+                if isinstance(frame, ErrorFrame) and frame.id is None:
+                    # An error about the connection itself (slow_consumer, too_large):
+                    # it is about to be closed; the stream ends with it.
+                    await self._frames.put(frame)
+                    continue
+                if isinstance(frame, Bye):
+                    await self._frames.put(frame)
+                    error = _EndOfStream("bye")
+                    break
+                await self._frames.put(frame)
+        except (OSError, ConnectionError) as exc:
+            error = ConnectionClosed(f"connection to {self.url} lost: {exc}")
+        self._fail_pending(error)
+        await self._frames.put(error)  # the end of the stream, after every frame
+
+    def _fail_pending(self, error: BaseException) -> None:
+        if self._closed is None:
+            self._closed = error
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(
+                    error
+                    if isinstance(error, StatecastError) and not isinstance(error, _EndOfStream)
+                    else ConnectionClosed(f"the connection to {self.url} ended")
+                )
+        self._pending.clear()
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._fail_pending(error)
+        with contextlib.suppress(asyncio.QueueFull):
+            self._frames.put_nowait(error)
+
+
+class _EndOfStream(ConnectionClosed):
+    """The server said bye: the frame stream ends normally."""
