@@ -12,10 +12,14 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+import msgspec
 
+from statecast import tools
+from statecast.client import DEFAULT_URL
 from statecast.config import Config
 from statecast.demo import TradingDesk
 from statecast.errors import ConfigError, StatecastError
+from statecast.protocol import Change
 from statecast.server import Server, __version__, new_event_loop
 
 __all__ = ["main", "run"]
@@ -170,3 +174,110 @@ async def _serve(config: Config) -> None:
         if desk is not None:
             await asyncio.to_thread(desk.stop)
         await server.stop()
+
+
+# -- client commands ------------------------------------------------------------------
+def url_option(fn: FC) -> FC:
+    return click.option(
+        "--url",
+        default=DEFAULT_URL,
+        envvar="STATECAST_URL",
+        show_envvar=True,
+        show_default=True,
+        help="The server, tcp://HOST:PORT.",
+    )(fn)
+
+
+def _collections(text: str | None) -> list[str] | None:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
+
+
+@main.command("sync")
+@url_option
+@click.option("--collections", help="Comma-separated collections (default: all).")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default="-",
+    help="File to write the NDJSON snapshot to (default: standard output).",
+)
+def sync_command(url: str, collections: str | None, output: str) -> None:
+    """Write the server's state as NDJSON record lines."""
+    if output == "-":
+        code = tools.run_tool(
+            lambda: tools.sync(url, _collections(collections), sys.stdout.buffer, "stdout")
+        )
+    else:
+        with open(output, "wb") as f:
+            code = tools.run_tool(lambda: tools.sync(url, _collections(collections), f, output))
+    sys.exit(code)
+
+
+@main.command("watch")
+@url_option
+@click.option("--collections", help="Comma-separated collections (default: all).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="NDJSON change frames (the default when piped)."
+)
+def watch_command(url: str, collections: str | None, as_json: bool) -> None:
+    """Sync, then show every change as it happens; reconnect and resume by itself."""
+    sys.exit(tools.run_tool(lambda: tools.watch(url, _collections(collections), as_json)))
+
+
+@main.command("publish")
+@url_option
+@click.option("--delete", "delete", is_flag=True, help="Delete COLLECTION KEY.")
+@click.option(
+    "--ndjson", is_flag=True, help="Read changes, one JSON object a line, from standard input."
+)
+@click.option(
+    "--batch",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Changes per publish with --ndjson.",
+)
+@click.argument("args", nargs=-1)
+def publish_command(
+    url: str, delete: bool, ndjson: bool, batch: int, args: tuple[str, ...]
+) -> None:
+    """Publish changes and print the acknowledged seq.
+
+    \b
+    statecast publish COLLECTION KEY JSON
+    statecast publish --delete COLLECTION KEY
+    statecast publish --ndjson < changes.ndjson
+    """
+    if ndjson:
+        if args:
+            raise click.UsageError("--ndjson takes no arguments: changes come from standard input")
+        sys.exit(tools.run_tool(lambda: tools.publish_many(url, sys.stdin.buffer, batch)))
+    if delete:
+        if len(args) != 2:
+            raise click.UsageError("usage: statecast publish --delete COLLECTION KEY")
+        change = Change(args[0], args[1], delete=True)
+    else:
+        if len(args) != 3:
+            raise click.UsageError("usage: statecast publish COLLECTION KEY JSON")
+        try:
+            value = msgspec.json.decode(args[2])
+        except msgspec.DecodeError as exc:
+            raise click.UsageError(f"JSON is not valid JSON: {exc}") from None
+        change = Change(args[0], args[1], value)
+    sys.exit(tools.run_tool(lambda: tools.publish_one(url, change)))
+
+
+@main.command("stats")
+@url_option
+@click.option(
+    "--interval",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Seconds over which rates are measured.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (the default when piped).")
+def stats_command(url: str, interval: float, as_json: bool) -> None:
+    """The server's seq, epoch, connections, counters and rates."""
+    sys.exit(tools.run_tool(lambda: tools.stats(url, interval, as_json)))

@@ -199,13 +199,17 @@ class Client:
     # -- connection ----------------------------------------------------------------
     async def connect(self) -> Hello:
         """Open the connection; returns the server's hello (§2)."""
+        writer = None
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=self.max_line),
-                self.connect_timeout,
-            )
-            line = await asyncio.wait_for(reader.readline(), self.connect_timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(
+                    self.host, self.port, limit=self.max_line
+                )
+                line = await reader.readline()
         except (OSError, TimeoutError, ValueError) as exc:
+            if writer is not None:
+                writer.close()
             raise ConnectionClosed(f"cannot connect to {self.url}: {exc or 'timed out'}") from exc
         self._reader, self._writer = reader, writer
         self.bytes_received += len(line)

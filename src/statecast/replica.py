@@ -96,6 +96,7 @@ class Replica:
         self._synced = asyncio.Event()
         self._listeners: list[asyncio.Queue[ChangeFrame | Resynced]] = []
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._client: Client | None = None
         # Counters, for people and tests.
         self.full_syncs = 0
@@ -111,6 +112,7 @@ class Replica:
             )
 
     async def stop(self) -> None:
+        self._stopping = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -161,7 +163,7 @@ class Replica:
     # -- the loop --------------------------------------------------------------------
     async def _run(self) -> None:
         attempt = 0
-        while True:
+        while not self._stopping:
             client = Client(self.url)
             self._client = client
             reason = ""
@@ -186,6 +188,8 @@ class Replica:
             finally:
                 await client.close()
                 self._client = None
+            if self._stopping:
+                break
             delay = min(self.max_backoff, self.min_backoff * 2**attempt) * random.uniform(0.5, 1.5)
             attempt += 1
             self.reconnects += 1
@@ -276,8 +280,15 @@ class Replica:
         self.seq = change.seq
         self.changes_applied += 1
         if self.on_change is not None:
-            self.on_change(change)
+            self._callback(self.on_change, change)
         self._notify(change)
+
+    def _callback(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """A user callback's failure is the user's: log it, keep the replica going."""
+        try:
+            fn(arg)
+        except Exception:
+            log.exception("replica callback %r failed", fn)
 
     def _lost_track(self, why: str) -> None:
         log.warning("replica out of step (%s): full sync", why)

@@ -1,0 +1,77 @@
+"""A TCP proxy for tests that can cut every connection through it at any moment."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+from statecast.server import new_event_loop
+
+
+class CuttingProxy:
+    """Forwards 127.0.0.1:<port> to an upstream port; ``cut()`` resets all connections."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.loop = new_event_loop("asyncio")
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.cuts = 0
+        started = threading.Event()
+        self._server: asyncio.Server | None = None
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self._server = self.loop.run_until_complete(
+                asyncio.start_server(self._handle, "127.0.0.1", 0)
+            )
+            started.set()
+            self.loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        started.wait(10)
+        assert self._server is not None
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            w.transport.abort()
+            return
+        self._writers |= {w, uw}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, ConnectionError):
+                while data := await src.read(1 << 16):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+        self._writers -= {w, uw}
+
+    def cut(self) -> None:
+        """Reset every connection now (from any thread)."""
+
+        def abort_all() -> None:
+            self.cuts += 1
+            for w in list(self._writers):
+                w.transport.abort()
+
+        self.loop.call_soon_threadsafe(abort_all)
+
+    def close(self) -> None:
+        async def shut() -> None:
+            assert self._server is not None
+            self._server.close()
+            for w in list(self._writers):
+                w.transport.abort()
+            await asyncio.sleep(0)
+
+        asyncio.run_coroutine_threadsafe(shut(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
