@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo serve test lint typecheck pytest bench clean
+.PHONY: install browser demo serve test lint typecheck pytest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +14,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Debian's Chromium, for the dashboard's browser test (Playwright drives it; it
+# downloads no browser of its own). Without root, the test says why it skips.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for the browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "note: chromium is not installed and this is not root: the browser test will be skipped"; fi
+
 demo: install  ## run the server with the trading-desk demo producers
+	@echo "dashboard: http://127.0.0.1:8990/   TCP: nc localhost 8989 <<< 'sync me'"
 	$(BIN)/statecast serve --demo
 
-test: install lint typecheck pytest  ## everything CI runs
+test: install browser lint typecheck pytest  ## everything CI runs
 
 lint: install
 	$(BIN)/ruff check src tests bench

@@ -68,6 +68,8 @@ class StatecastProcess:
                 "serve",
                 "--port",
                 str(self.port),
+                "--http-port",
+                "0",
                 "--heartbeat",
                 "0",
                 "--log-level",

@@ -31,6 +31,8 @@ def start(db: Path, port: int, retain: int) -> subprocess.Popen[bytes]:
             "serve",
             "--port",
             str(port),
+            "--http-port",
+            "0",
             "--store",
             f"sqlite:{db}",
             "--retain",

@@ -68,6 +68,12 @@ def main() -> None:
 @option("--host", default=_defaults.host, help="Address to listen on.")
 @option("--port", default=_defaults.port, type=int, help="TCP port (0: any free port).")
 @option(
+    "--http-port",
+    default=8990,
+    type=int,
+    help="HTTP port: dashboard, /ws, /v1/*, /metrics, /healthz (0: off).",
+)
+@option(
     "--store",
     default="sqlite",
     help="Where the state lives: 'sqlite' (DATA_DIR/statecast.db), 'sqlite:PATH' or 'memory'.",
@@ -128,6 +134,8 @@ def serve(**options: Any) -> None:
     """Run a server until SIGINT or SIGTERM."""
     if options["heartbeat"] == 0:
         options["heartbeat"] = None
+    if options["http_port"] == 0:
+        options["http_port"] = None
     try:
         config = Config(**options)
     except ConfigError as exc:

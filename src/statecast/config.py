@@ -22,6 +22,7 @@ class Config:
     # Network
     host: str = "127.0.0.1"
     port: int = 8989  # 0 picks a free port (tests)
+    http_port: int | None = None  # WebSocket, HTTP API, metrics, dashboard; None: off
 
     # State
     store: str = "memory"  # "memory", "sqlite" (in data_dir) or "sqlite:PATH"
@@ -47,6 +48,8 @@ class Config:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, not {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"http_port must be 0..65535 (or None), not {self.http_port}")
         if self.store not in ("memory", "sqlite") and not self.store.startswith("sqlite:"):
             raise ConfigError(
                 f"unknown store {self.store!r}: use 'memory', 'sqlite' or 'sqlite:PATH'"

@@ -6,6 +6,7 @@ engine, so they share the same state, change log and fan-out.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 
 from statecast.errors import ProtocolError
@@ -31,6 +32,8 @@ class Engine:
         self.fanout.flushed_seq = store.state.seq
         self.changes_published = 0
         self.publishes_failed = 0
+        self.snapshots = 0  # snapshots started, on any transport
+        self.errors: collections.Counter[str] = collections.Counter()  # error frames by code
 
     @property
     def seq(self) -> int:
@@ -71,6 +74,7 @@ class Engine:
         once without a duplicate (§5.2).
         """
         self.fanout.flush()
+        self.snapshots += 1
         return self.store.state.snapshot(selection)
 
     def sync_point(self) -> int:

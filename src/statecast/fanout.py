@@ -10,6 +10,7 @@ subscriber back to back (§5.3). No I/O: the transports implement :class:`Subscr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Protocol
 
@@ -38,6 +39,11 @@ class Fanout:
         self._groups: dict[Selection, dict[Subscriber, None]] = {}
         self.flushed_seq = 0  # every change <= this has been handed to subscribers
         self.deliveries = 0  # change frames handed to subscribers, in total
+        self.bytes_delivered = 0
+        # Called after each flush with the seconds its oldest change waited since it
+        # was published (metrics: publish-to-send latency).
+        self.on_flush: Callable[[float], None] | None = None
+        self._pending_since = 0.0
 
     @property
     def subscriber_count(self) -> int:
@@ -64,6 +70,8 @@ class Fanout:
             # catches up from the change log up to flushed_seq first.
             self.flushed_seq = records[-1].seq
             return
+        if not self._pending:
+            self._pending_since = time.perf_counter()
         self._pending.extend(records)
         if not self._scheduled and self._schedule is not None:
             self._scheduled = True
@@ -95,5 +103,8 @@ class Fanout:
                 n = len(picked)
             subs = list(group)
             self.deliveries += n * len(subs)
+            self.bytes_delivered += len(blob) * len(subs)
             for sub in subs:
                 sub.deliver(blob)
+        if self.on_flush is not None:
+            self.on_flush(time.perf_counter() - self._pending_since)

@@ -37,6 +37,7 @@ __all__ = [
     "encode_snapshot_end",
     "encode_stats",
     "encode_subscribed",
+    "parse_publish_body",
     "parse_request",
     "prepare_change",
     "prepare_changes",
@@ -156,6 +157,29 @@ def parse_request(line: bytes) -> Request:
     if isinstance(request, SubscribeRequest) and request.from_ is not None and request.from_ < 0:
         raise BadRequest("'from' must be a seq >= 0", request_id=rid)
     return request
+
+
+class PublishBody(msgspec.Struct):
+    """The body of ``POST /v1/publish``: a publish request, ``op`` optional."""
+
+    changes: list[ChangeIn]
+    id: RequestId = None
+    op: str = "publish"
+
+
+_publish_body_decoder = msgspec.json.Decoder(PublishBody)
+
+
+def parse_publish_body(body: bytes) -> PublishRequest:
+    try:
+        req = _publish_body_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid publish body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if req.op != "publish":
+        raise BadRequest(f"'op' must be 'publish' here, not {req.op!r}")
+    return PublishRequest(changes=req.changes, id=req.id)
 
 
 def validate_collections(names: Iterable[str], rid: RequestId = None) -> frozenset[str]:

@@ -26,13 +26,16 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
+
+from aiohttp import web
 
 from statecast.config import Config
 from statecast.engine import Engine
 from statecast.errors import ProtocolError, ServerStateError, ShuttingDown
 from statecast.inbox import Item, PublishInbox
-from statecast.protocol import Change, prepare_changes
+from statecast.protocol import Change, PreparedChange, prepare_changes
+from statecast.session import Session
 from statecast.stores import Store, open_store
 from statecast.tcp import TcpConnection
 
@@ -44,6 +47,22 @@ try:
     __version__ = version("statecast")
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
+
+
+class Connection(Protocol):
+    """What the server needs of a connection, whatever its transport."""
+
+    transport_name: str
+    last_send: float
+
+    @property
+    def session(self) -> Session | None: ...
+
+    def send_heartbeat(self) -> None: ...
+    def shutdown(self) -> None: ...
+    def abort(self) -> None: ...
+    def pending_bytes(self) -> int: ...
+
 
 Changes = Iterable[Change | Mapping[str, Any]] | Change | Mapping[str, Any]
 
@@ -99,13 +118,17 @@ class Server:
         self._store: Store | None = None
         self._inbox: PublishInbox | None = None
         self._listener: asyncio.Server | None = None
-        self._connections: set[TcpConnection] = set()
+        self._connections: set[Connection] = set()
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._idle: asyncio.Event | None = None  # set while there is no connection
         self._stopped: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self.stopping = False
+        self.ready = False  # serving: the store is loaded and we are not stopping
         self._started_at = 0.0
+        self._engine_callbacks: list[Callable[[Engine], object]] = []
+        self._http: web.AppRunner | None = None
+        self._http_site: web.TCPSite | None = None
         self.clock = 0.0  # loop time, refreshed by the heartbeat timer
         # Counters (metrics come later; the same numbers feed them).
         self.connections_accepted = 0
@@ -120,6 +143,15 @@ class Server:
         self.clock = loop.time()
         self._started_at = time.monotonic()
         cfg = self.config
+        if cfg.http_port is not None:
+            # HTTP first: /healthz and /readyz answer while the store loads.
+            from statecast.http import make_app  # noqa: PLC0415 (import cycle)
+
+            self._http = web.AppRunner(make_app(self), access_log=None)
+            await self._http.setup()
+            self._http_site = web.TCPSite(self._http, cfg.host, cfg.http_port, reuse_address=True)
+            await self._http_site.start()
+            log.info("HTTP on http://%s:%d (dashboard, /ws, /metrics)", cfg.host, self.http_port)
         store = open_store(cfg)
         log.info("opening store %s", store.description)
         try:
@@ -130,6 +162,8 @@ class Server:
             raise
         self._store = store
         self._engine = Engine(store, FlushPacer(loop, cfg.flush_interval).schedule)
+        for callback in self._engine_callbacks:
+            callback(self._engine)
         self._inbox = PublishInbox(loop, self._apply_inbox)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -142,6 +176,7 @@ class Server:
             backlog=4096,
         )
         self._heartbeat_task = loop.create_task(self._heartbeats(), name="statecast-heartbeat")
+        self.ready = True
         log.info(
             "statecast %s listening on tcp://%s:%d (store %s, seq %d, %d records, epoch %s)",
             self.version,
@@ -162,6 +197,7 @@ class Server:
             await self._stopped.wait()
             return
         self.stopping = True
+        self.ready = False
         grace = self.config.shutdown_grace if grace is None else grace
         assert self._listener is not None
         assert self._inbox is not None
@@ -190,6 +226,8 @@ class Server:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._idle.wait(), 1.0)
         await self._listener.wait_closed()
+        if self._http is not None:
+            await self._http.cleanup()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -350,6 +388,31 @@ class Server:
         return int(self._listener.sockets[0].getsockname()[1])
 
     @property
+    def http_port(self) -> int:
+        """The HTTP port listened on (useful with ``http_port=0``)."""
+        site = self._http_site
+        server = site._server if site is not None else None
+        sockets = getattr(server, "sockets", None)
+        if not sockets:
+            raise ServerStateError("the HTTP port is not open")
+        return int(sockets[0].getsockname()[1])
+
+    def on_engine(self, callback: Callable[[Engine], object]) -> None:
+        """Call ``callback(engine)`` once the engine exists (now, if it does)."""
+        if self._engine is not None:
+            callback(self._engine)
+        else:
+            self._engine_callbacks.append(callback)
+
+    async def apublish_prepared(self, batch: list[PreparedChange]) -> int | ProtocolError:
+        """Publish a validated batch on the loop; the seq, or the error (not raised)."""
+        if self.stopping:
+            return ShuttingDown("the server is shutting down")
+        fut: asyncio.Future[int | ProtocolError] = asyncio.get_running_loop().create_future()
+        self.engine.publish(batch, fut.set_result)
+        return await fut
+
+    @property
     def seq(self) -> int:
         return self.engine.seq
 
@@ -378,13 +441,13 @@ class Server:
         }
 
     # -- connections -----------------------------------------------------------
-    def _register(self, conn: TcpConnection) -> None:
+    def _register(self, conn: Connection) -> None:
         self._connections.add(conn)
         self.connections_accepted += 1
         if self._idle is not None:
             self._idle.clear()
 
-    def _unregister(self, conn: TcpConnection) -> None:
+    def _unregister(self, conn: Connection) -> None:
         self._connections.discard(conn)
         if not self._connections and self._idle is not None:
             self._idle.set()

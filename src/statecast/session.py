@@ -175,10 +175,15 @@ class Session:
             self._engine.fanout.leave(self._subscriber, self._selection)
             self.joined = False
 
+    def _error(self, exc: ProtocolError) -> None:
+        """§6: an ``error`` frame, counted by code."""
+        self._engine.errors[exc.code] += 1
+        self._out.append(encode_error(exc))
+
     def _fail(self, exc: ProtocolError) -> None:
         """An error that makes this connection unusable: report it, then close."""
         self._release()
-        self._out.append(encode_error(exc))
+        self._error(exc)
         self.closing = True
 
     def _process(self) -> None:
@@ -212,10 +217,10 @@ class Session:
                     raise BadRequest("this server does not expose stats", request_id=rid)
                 self._out.append(encode_stats(self._stats(), rid))
         except ProtocolError as exc:
-            self._out.append(encode_error(exc))
+            self._error(exc)
         except Exception:
             log.exception("internal error while handling a request")
-            self._out.append(encode_error(InternalError("internal server error", request_id=rid)))
+            self._error(InternalError("internal server error", request_id=rid))
 
     def _selection_of(self, names: list[str] | None, rid: RequestId) -> Selection:
         return None if names is None else validate_collections(names, rid)
@@ -235,7 +240,7 @@ class Session:
                 self._out.append(encode_ack(result, rid))
             else:
                 result.request_id = rid
-                self._out.append(encode_error(result))
+                self._error(result)
             if not self._busy and self._wakeup is not None:
                 self._wakeup()  # answered later than the request: tell the transport
 

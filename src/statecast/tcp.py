@@ -34,6 +34,8 @@ CLOSE_LINGER = 2.0
 
 
 class TcpConnection(asyncio.Protocol):
+    transport_name = "tcp"
+
     def __init__(self, server: Server) -> None:
         self._server = server
         self._loop = asyncio.get_running_loop()
@@ -147,6 +149,10 @@ class TcpConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None and not self._closed:
             self.transport.abort()
+
+    def pending_bytes(self) -> int:
+        t = self.transport
+        return 0 if t is None or self._closed else t.get_write_buffer_size()
 
     # -- internals -------------------------------------------------------------
     def _after(self) -> None:
