@@ -58,7 +58,7 @@ def machine() -> str:
 class StatecastProcess:
     """``statecast serve`` on a free port, in its own process."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, http_port: int = 0) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [
@@ -69,7 +69,7 @@ class StatecastProcess:
                 "--port",
                 str(self.port),
                 "--http-port",
-                "0",
+                str(http_port),
                 "--heartbeat",
                 "0",
                 "--log-level",
@@ -81,6 +81,8 @@ class StatecastProcess:
         while time.monotonic() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                if http_port:
+                    socket.create_connection(("127.0.0.1", http_port), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.05)

@@ -13,6 +13,7 @@ HERE = Path(__file__).parent
 RUNS = [
     ["fanout.py", "--subscribers", "1000", "--changes", "20000", "--batch", "100"],
     ["fanout.py", "--subscribers", "1000", "--changes", "5000", "--batch", "1", "--no-redis"],
+    ["ws_fanout.py", "--subscribers", "1000", "--changes", "5000", "--batch", "100"],
     ["snapshot.py", "--records", "1000000", "--value-size", "200"],
     ["ingest.py", "--changes", "1000000", "--batch", "1000", "--store", "memory"],
     ["ingest.py", "--changes", "1000000", "--batch", "1000", "--store", "sqlite"],
