@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import aiohttp
+
 from common import StatecastProcess, cpu_seconds, encode, free_port, machine, new_loop, print_result
 from fanout import statecast_run, value_of
 
