@@ -56,10 +56,13 @@ def machine() -> str:
 
 
 class StatecastProcess:
-    """``statecast serve`` on a free port, in its own process."""
+    """``statecast serve`` on a free port, in its own process; the memory store unless
+    ``args`` name another."""
 
     def __init__(self, *args: str, http_port: int = 0) -> None:
         self.port = free_port()
+        if "--store" not in args:
+            args = ("--store", "memory", *args)
         self.proc = subprocess.Popen(
             [
                 sys.executable,
