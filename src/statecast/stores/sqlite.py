@@ -81,6 +81,7 @@ _decode_segment = msgspec.msgpack.Decoder(list[tuple[str, str, bool, bytes]]).de
 # How many changes one group commit takes at most, and how many commit segments one
 # trim transaction deletes at most (so that trimming never holds up commits for long).
 _MAX_GROUP = 50_000
+_WAL_BACKSTOP = 4000  # pages
 _TRIM_STEP = 200
 
 
@@ -122,6 +123,8 @@ class SQLiteStore:
         self._oldest_change = 1  # the oldest seq still in the changes table
         self._healthy = True
         self.commits = 0  # transactions committed (group commits)
+        self._checkpointer: threading.Thread | None = None
+        self._stop_checkpoints = threading.Event()
 
     # -- opening ---------------------------------------------------------------
     def open(self, to_loop: ToLoop) -> None:
@@ -138,6 +141,10 @@ class SQLiteStore:
         self._conn = conn
         self._thread = threading.Thread(target=self._run, name="statecast-sqlite", daemon=True)
         self._thread.start()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoints, name="statecast-sqlite-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
         log.info(
             "loaded %s: %d records, seq %d, %d changes retained, in %.2fs",
             self.path,
@@ -225,6 +232,9 @@ class SQLiteStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute("PRAGMA journal_size_limit=67108864")
+            # Checkpoints run in a thread of their own (_checkpoints), not in commits;
+            # the writer checkpoints only if that thread falls far behind (16 MB).
+            conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_BACKSTOP}")
             tables = {
                 r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
             }
@@ -340,12 +350,39 @@ class SQLiteStore:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        self._stop_checkpoints.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
+            self._checkpointer = None
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.close()
             self._conn = None
         self._release_lock()
+
+    # -- the checkpoint thread -------------------------------------------------------
+    def _checkpoints(self) -> None:
+        """Copy the WAL into the database now and then, beside the writer.
+
+        A PASSIVE checkpoint never blocks the writer; doing it here instead of inside
+        a commit (SQLite's default) keeps its reads, writes and fsync off the path of
+        publishes. Errors are left for the next attempt (and the writer reports a
+        database that cannot be written).
+        """
+        conn: sqlite3.Connection | None = None
+        while not self._stop_checkpoints.wait(0.2):
+            try:
+                if conn is None:
+                    conn = sqlite3.connect(self.path, timeout=0, isolation_level=None)
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                log.debug("checkpoint of %s failed: %s", self.path, exc)
+                if conn is not None:
+                    conn.close()
+                    conn = None
+        if conn is not None:
+            conn.close()
 
     # -- the writer thread ---------------------------------------------------------
     def _run(self) -> None:
@@ -468,6 +505,7 @@ class SQLiteStore:
                 self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
             )
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_BACKSTOP}")
             self._conn = conn
         return self._conn
 
