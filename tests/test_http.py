@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -12,7 +13,7 @@ import msgspec
 import pytest
 
 from statecast import Change, Server
-from tests.helpers import TIMEOUT, frames_of
+from tests.helpers import TIMEOUT, LineClient, frames_of
 
 
 @pytest.fixture
@@ -223,3 +224,31 @@ def test_websocket_slow_consumer_and_bye() -> None:
             return [f async for f in frames]
 
     assert asyncio.run(bye()) == [{"type": "bye", "reason": "shutdown"}]
+
+
+def test_readyz_is_false_while_stopping() -> None:
+    srv = Server(
+        port=0, http_port=0, heartbeat=None, shutdown_grace=3, max_pending=64 << 20
+    ).start_in_thread()
+    http_port = srv.http_port
+    # A subscriber that never reads keeps the shutdown waiting for its output.
+    stuck = LineClient(srv.port, rcvbuf=4096)
+    assert stuck.request({"op": "subscribe"})["type"] == "subscribed"
+    for i in range(30):
+        srv.publish([Change("c", f"k{j}", {"pad": "p" * 1000, "i": i}) for j in range(1000)])
+    stopper = threading.Thread(target=srv.stop_in_thread)
+    stopper.start()
+
+    async def probe() -> tuple[int, dict[str, Any]]:
+        async with aiohttp.ClientSession() as http:
+            while True:
+                async with http.get(f"http://127.0.0.1:{http_port}/readyz") as r:
+                    if r.status == 503:
+                        return r.status, await r.json()
+                await asyncio.sleep(0.01)
+
+    try:
+        assert asyncio.run(probe()) == (503, {"status": "stopping"})
+    finally:
+        stuck.close()
+        stopper.join(TIMEOUT)

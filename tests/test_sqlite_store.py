@@ -311,3 +311,37 @@ def test_read_only_file_fails_publishes_and_recovers(tmp_path: Path) -> None:
         assert state_of(srv.port)[1][("c", "k")] == 1
     finally:
         srv.stop_in_thread()
+
+
+def test_an_older_database_is_migrated_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The migration path: a version-1 file opened by a statecast that knows version 2."""
+    import statecast.stores.sqlite as sqlite_store  # noqa: PLC0415
+
+    path = tmp_path / "s.db"
+    srv = sqlite_server(path)
+    srv.put("c", "k", 1)
+    srv.stop_in_thread()
+    ran: list[int] = []
+
+    def to_v2(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE extra (x INTEGER)")
+        ran.append(1)
+
+    monkeypatch.setattr(sqlite_store, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(sqlite_store.MIGRATIONS, 1, to_v2)
+    srv = sqlite_server(path)
+    try:
+        assert srv.seq == 1
+        assert state_of(srv.port) == (1, {("c", "k"): 1})
+    finally:
+        srv.stop_in_thread()
+    assert ran == [1]
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        version = conn.execute(
+            "SELECT value FROM statecast_meta WHERE key='schema_version'"
+        ).fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert version == "2"
+    assert "extra" in tables
