@@ -33,6 +33,7 @@ from aiohttp import web
 from statecast.config import Config
 from statecast.engine import Engine
 from statecast.errors import ProtocolError, ServerStateError, ShuttingDown
+from statecast.fanout import Subscriber
 from statecast.inbox import Item, PublishInbox
 from statecast.protocol import Change, PreparedChange, prepare_changes
 from statecast.session import Session
@@ -396,6 +397,17 @@ class Server:
         if not sockets:
             raise ServerStateError("the HTTP port is not open")
         return int(sockets[0].getsockname()[1])
+
+    def new_session(self, subscriber: Subscriber, *, wakeup: Callable[[], None]) -> Session:
+        """The protocol state of a new connection, whatever its transport."""
+        return Session(
+            self.engine,
+            subscriber,
+            max_line=self.config.max_line,
+            version=self.version,
+            wakeup=wakeup,
+            stats=self.stats,
+        )
 
     def on_engine(self, callback: Callable[[Engine], object]) -> None:
         """Call ``callback(engine)`` once the engine exists (now, if it does)."""

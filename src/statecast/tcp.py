@@ -60,15 +60,7 @@ class TcpConnection(asyncio.Protocol):
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
         server = self._server
-        cfg = server.config
-        self.session = Session(
-            server.engine,
-            self,
-            max_line=cfg.max_line,
-            version=server.version,
-            wakeup=self._after,
-            stats=server.stats,
-        )
+        self.session = server.new_session(self, wakeup=self._after)
         self.last_send = server.clock
         server._register(self)
         log.debug("connection from %s", self.peer)

@@ -47,15 +47,7 @@ class WsConnection:
         self._wake = asyncio.Event()
         self._stream_idle = asyncio.Event()  # set when no stream is running
         self._closing = False
-        cfg = server.config
-        self.session = Session(
-            server.engine,
-            self,
-            max_line=cfg.max_line,
-            version=server.version,
-            wakeup=self._take_output,
-            stats=server.stats,
-        )
+        self.session: Session = server.new_session(self, wakeup=self._take_output)
 
     # -- the handler -------------------------------------------------------------------
     async def run(self) -> None:
