@@ -187,7 +187,8 @@ def test_websocket_slow_consumer_and_bye() -> None:
             async with aiohttp.ClientSession() as http:
                 slow = await http.ws_connect(base(srv) + "/ws", max_msg_size=0)
                 await slow.send_str('{"op":"subscribe"}')
-                await asyncio.sleep(0.2)
+                while '"subscribed"' not in (await slow.receive_str()):
+                    pass  # then it reads nothing more
 
                 def flood() -> None:
                     for i in range(20_000):

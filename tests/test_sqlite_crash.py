@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import LineClient, ServeProcess
+from tests.helpers import LineClient, ServeProcess, wait_for
 
 
 class Publisher(threading.Thread):
@@ -121,7 +121,11 @@ def test_sigkill_while_publishing_loses_nothing_acknowledged(tmp_path: Path) -> 
                 pubs = [Publisher(server.port, f"c{cycle}p{n}") for n in range(3)]
                 for p in pubs:
                     p.start()
-                time.sleep(rng.uniform(0.2, 0.8))
+                wait_for(
+                    lambda pubs=pubs: all(p.acked for p in pubs),  # type: ignore[misc]
+                    "every publisher's first ack",
+                )
+                time.sleep(rng.uniform(0.0, 0.6))  # then die at a random moment
                 server.p.send_signal(signal.SIGKILL)
                 for p in pubs:
                     p.join(10)
