@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -345,3 +346,15 @@ def test_an_older_database_is_migrated_forward(
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert version == "2"
     assert "extra" in tables
+
+
+def test_a_failed_start_releases_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match="in use"):
+            Server(port=port, store=f"sqlite:{path}", heartbeat=None).start_in_thread()
+    srv = sqlite_server(path)  # not "in use by another statecast server"
+    srv.stop_in_thread()

@@ -153,14 +153,26 @@ class Server:
             self._http_site = web.TCPSite(self._http, cfg.host, cfg.http_port, reuse_address=True)
             await self._http_site.start()
             log.info("HTTP on http://%s:%d (dashboard, /ws, /metrics)", cfg.host, self.http_port)
-        store = open_store(cfg)
-        log.info("opening store %s", store.description)
         try:
-            # Loading a large store takes seconds: keep the loop free meanwhile.
-            await asyncio.to_thread(store.open, loop.call_soon_threadsafe)
+            await self._open_and_listen(loop)
         except BaseException:
+            # Leave nothing behind: no HTTP port, no open store, no listener.
+            if self._http is not None:
+                await self._http.cleanup()
+                self._http = None
+            if self._store is not None:
+                await asyncio.to_thread(self._store.close)
+                self._store = None
+            self._engine = None
             self._loop = None
             raise
+
+    async def _open_and_listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        cfg = self.config
+        store = open_store(cfg)
+        log.info("opening store %s", store.description)
+        # Loading a large store takes seconds: keep the loop free meanwhile.
+        await asyncio.to_thread(store.open, loop.call_soon_threadsafe)
         self._store = store
         self._engine = Engine(store, FlushPacer(loop, cfg.flush_interval).schedule)
         for callback in self._engine_callbacks:
