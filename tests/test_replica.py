@@ -285,3 +285,28 @@ def test_blocking_api() -> None:
         wait_for(lambda: srv.stats()["connections"] == 0, "clients to disconnect")
     finally:
         srv.stop_in_thread()
+
+
+def test_client_keeps_frames_a_consumer_did_not_take() -> None:
+    srv = Server(port=0, heartbeat=None).start_in_thread()
+
+    async def main() -> list[int]:
+        async with Client(f"tcp://127.0.0.1:{srv.port}") as c:
+            await c.subscribe()
+            # One batch: its five frames arrive together, in one read.
+            await asyncio.to_thread(srv.publish, [Change("c", f"k{i}", i) for i in range(5)])
+            seen = []
+            async for f in c.frames():
+                seen.append(f.seq)  # type: ignore[union-attr]
+                if len(seen) == 2:
+                    break
+            async for f in c.frames():  # a new consumer gets the rest, none lost
+                seen.append(f.seq)  # type: ignore[union-attr]
+                if len(seen) == 5:
+                    break
+            return seen
+
+    try:
+        assert asyncio.run(main()) == [1, 2, 3, 4, 5]
+    finally:
+        srv.stop_in_thread()

@@ -16,6 +16,7 @@ stays in sync through disconnects, use :class:`statecast.Replica`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -178,7 +179,7 @@ class Client:
         *,
         connect_timeout: float = 10.0,
         max_line: int = 64 * 1024 * 1024,
-        queue_frames: int = 10_000,
+        queue_chunks: int = 64,
     ) -> None:
         self.url = url
         self.host, self.port = parse_url(url)
@@ -189,9 +190,11 @@ class Client:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: dict[RequestId, asyncio.Future[Any]] = {}
-        # Unsolicited frames (snapshots, changes, heartbeats, bye), bounded: a slow
-        # consumer stops the reader, and TCP pushes back to the server.
-        self._frames: asyncio.Queue[Frame | BaseException] = asyncio.Queue(queue_frames)
+        # Unsolicited frames (snapshots, changes, heartbeats, bye), one list per chunk
+        # read, bounded: a slow consumer stops the reader, and TCP pushes back to the
+        # server (which cuts a subscriber off past --max-pending, §7).
+        self._frames: asyncio.Queue[list[Frame] | BaseException] = asyncio.Queue(queue_chunks)
+        self._ready: collections.deque[Frame] = collections.deque()  # taken off the queue
         self._ids = itertools.count(1)
         self._closed: BaseException | None = None
         self.bytes_received = 0
@@ -319,14 +322,20 @@ class Client:
         """The frames the server sends on its own, in order. Ends with the connection
         (after a :class:`Bye`, or by raising :class:`ConnectionClosed` or the error
         that closed it)."""
+        ready = self._ready
         while True:
+            if ready:
+                # One at a time from the deque: a consumer that stops iterating leaves
+                # the rest for the next one.
+                yield ready.popleft()
+                continue
             item = await self._frames.get()
             if isinstance(item, BaseException):
                 self._frames.put_nowait(item)  # for the next reader too
                 if isinstance(item, _EndOfStream):
                     return
                 raise item
-            yield item
+            ready.extend(item)
 
     # -- internals -----------------------------------------------------------------
     def _send(self, req: dict[str, Any]) -> None:
@@ -351,47 +360,54 @@ class Client:
         return cast(Frame, answer)
 
     async def _read_loop(self) -> None:
+        """Read big chunks, decode every whole line in them, answer the pending
+        requests, and queue the other frames in one list per chunk (one queue
+        operation per chunk, not per frame: a large snapshot is millions of frames)."""
         reader = self._reader
         assert reader is not None
-        error: BaseException
+        error: BaseException | None = None
+        buf = b""
         try:
-            while True:
-                try:
-                    line = await reader.readline()
-                except ValueError:  # longer than max_line
+            while error is None:
+                chunk = await reader.read(1 << 18)
+                if not chunk:
+                    error = ConnectionClosed(
+                        f"{self.url} closed the connection" + (" mid-frame" if buf else "")
+                    )
+                    break
+                self.bytes_received += len(chunk)
+                lines = (buf + chunk).split(b"\n")
+                buf = lines.pop()
+                if len(buf) > self.max_line:
                     error = ProtocolError(f"a frame longer than {self.max_line} bytes")
                     break
-                if not line:
-                    error = ConnectionClosed(f"{self.url} closed the connection")
-                    break
-                if not line.endswith(b"\n"):
-                    error = ConnectionClosed(f"{self.url} closed the connection mid-frame")
-                    break
-                self.bytes_received += len(line)
-                try:
-                    frame = _decoder.decode(line)
-                except msgspec.ValidationError:
-                    continue  # a frame type this client does not know: ignore it
-                except msgspec.DecodeError as exc:
-                    error = ProtocolError(f"malformed frame from the server: {exc}")
-                    break
-                if isinstance(frame, _ANSWERS) and frame.id in self._pending:
-                    fut = self._pending.pop(frame.id)
-                    if not fut.done():
-                        fut.set_result(frame)
-                    continue
-                if isinstance(frame, ErrorFrame) and frame.id is None:
-                    # An error about the connection itself (slow_consumer, too_large):
-                    # it is about to be closed; the stream ends with it.
-                    await self._frames.put(frame)
-                    continue
-                if isinstance(frame, Bye):
-                    await self._frames.put(frame)
-                    error = _EndOfStream("bye")
-                    break
-                await self._frames.put(frame)
+                batch: list[Frame] = []
+                for line in lines:
+                    if not line:
+                        continue
+                    try:
+                        frame = _decoder.decode(line)
+                    except msgspec.ValidationError:
+                        continue  # a frame type this client does not know: ignore it
+                    except msgspec.DecodeError as exc:
+                        error = ProtocolError(f"malformed frame from the server: {exc}")
+                        break
+                    if isinstance(frame, _ANSWERS) and frame.id in self._pending:
+                        fut = self._pending.pop(frame.id)
+                        if not fut.done():
+                            fut.set_result(frame)
+                        continue
+                    # An error frame without id (slow_consumer, too_large) is about the
+                    # connection itself, which is about to close: it joins the stream.
+                    batch.append(frame)
+                    if isinstance(frame, Bye):
+                        error = _EndOfStream("bye")
+                        break
+                if batch:
+                    await self._frames.put(batch)  # waits while the consumer is behind
         except (OSError, ConnectionError) as exc:
             error = ConnectionClosed(f"connection to {self.url} lost: {exc}")
+        assert error is not None
         self._fail_pending(error)
         await self._frames.put(error)  # the end of the stream, after every frame
 
