@@ -291,7 +291,7 @@ def test_client_keeps_frames_a_consumer_did_not_take() -> None:
     srv = Server(port=0, heartbeat=None).start_in_thread()
 
     async def main() -> list[int]:
-        async with Client(f"tcp://127.0.0.1:{srv.port}") as c:
+        async with asyncio.timeout(TIMEOUT), Client(f"tcp://127.0.0.1:{srv.port}") as c:
             await c.subscribe()
             # One batch: its five frames arrive together, in one read.
             await asyncio.to_thread(srv.publish, [Change("c", f"k{i}", i) for i in range(5)])
