@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from statecast import Change, Server, StoreError, Unavailable
@@ -358,3 +359,21 @@ def test_a_failed_start_releases_the_store(tmp_path: Path) -> None:
             Server(port=port, store=f"sqlite:{path}", heartbeat=None).start_in_thread()
     srv = sqlite_server(path)  # not "in use by another statecast server"
     srv.stop_in_thread()
+
+
+def test_publish_then_eof_still_gets_its_durable_ack(tmp_path: Path) -> None:
+    """``echo '{"op":"publish",...}' | nc host 8989``: the ack comes after the commit,
+    after the client closed its side; the server waits for it before closing."""
+    srv = sqlite_server(tmp_path / "s.db")
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as s:
+            s.sendall(b'{"op":"publish","changes":[{"collection":"c","key":"k","value":1}]}\n')
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := s.recv(1 << 16):
+                data += chunk
+        frames = [msgspec.json.decode(line) for line in data.splitlines()]
+        assert [f["type"] for f in frames] == ["hello", "ack"]
+        assert frames[1]["seq"] == 1
+    finally:
+        srv.stop_in_thread()

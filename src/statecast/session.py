@@ -103,6 +103,7 @@ class Session:
         self._live_requested = False  # §3.2: at most one live subscription
         self._selection: Selection = None
         self.joined = False  # receiving live changes through the fan-out
+        self.acks_pending = 0  # publishes not answered yet (a durable store commits later)
         self.closing = False  # close the connection once data_to_send() is written
         self.closed = False
 
@@ -110,6 +111,11 @@ class Session:
     @property
     def streaming(self) -> bool:
         return self._stream is not None
+
+    @property
+    def settled(self) -> bool:
+        """Nothing left to answer: no stream running, no publish waiting for its ack."""
+        return self._stream is None and self.acks_pending == 0
 
     @property
     def subscribed(self) -> bool:
@@ -234,6 +240,7 @@ class Session:
         rid = request.id
 
         def done(result: int | ProtocolError) -> None:
+            self.acks_pending -= 1
             if self.closed or self.closing:
                 return
             if isinstance(result, int):
@@ -244,7 +251,9 @@ class Session:
             if not self._busy and self._wakeup is not None:
                 self._wakeup()  # answered later than the request: tell the transport
 
-        self._engine.publish(prepare_changes(request), done)
+        batch = prepare_changes(request)
+        self.acks_pending += 1
+        self._engine.publish(batch, done)
 
     def _sync(self, request: SyncRequest) -> None:
         """§3.1: snapshot_begin, records, snapshot_end, then (live) changes > S."""

@@ -78,10 +78,10 @@ class TcpConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         # The client finished sending. Requests already received are still answered
         # (``nc`` closes its side right after ``sync me``), so keep the socket open
-        # for writing until the session has nothing left to stream.
+        # for writing until the session has nothing left to stream or to ack.
         self._eof = True
         session = self.session
-        return session is not None and (session.streaming or session.subscribed)
+        return session is not None and (session.subscribed or not session.settled)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = self._closing = True
@@ -162,7 +162,7 @@ class TcpConnection(asyncio.Protocol):
         elif session.streaming:
             self._set_reading(False)
             self._schedule_pump()
-        elif self._eof and not session.subscribed:
+        elif self._eof and not session.subscribed and session.settled:
             self._close(CLOSE_LINGER)
         else:
             self._set_reading(not self._write_paused)
