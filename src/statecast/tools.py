@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from statecast.client import ChangeFrame, Client, Record, SnapshotBegin, SnapshotEnd
+from statecast.client import ChangeFrame, Client, SnapshotBegin, SnapshotEnd
 from statecast.errors import ConnectionClosed, ProtocolError, StatecastError
 from statecast.protocol import Change
 from statecast.replica import Replica, Resynced, Status
@@ -88,9 +88,9 @@ async def sync(url: str, collections: list[str] | None, output: IO[bytes], label
         with progress:
             task = progress.add_task("sync", total=None, total_text="?", mb="", rate="")
             buf: list[bytes] = []
-            async for frame in client.sync(collections=collections):
-                if isinstance(frame, Record):
-                    buf.append(_encode(frame))
+            async for frame in client.sync_raw(collections=collections):
+                if isinstance(frame, bytes):  # a record line, copied as it came
+                    buf.append(frame)
                     records += 1
                     if len(buf) >= 1024:
                         output.write(b"\n".join(buf) + b"\n")
