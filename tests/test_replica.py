@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import statecast
@@ -229,6 +230,14 @@ def test_client_api_against_a_server() -> None:
             assert sorted(f.key for f in frames if isinstance(f, Record)) == sorted(
                 f"k{i}" for i in range(50)
             )
+            raw = [f async for f in c.sync_raw(collections=["x"])]
+            lines = [f for f in raw if isinstance(f, bytes)]
+            assert len(lines) == 50
+            assert sorted(msgspec.json.decode(line)["key"] for line in lines) == sorted(
+                f"k{i}" for i in range(50)
+            )
+            assert isinstance(raw[-1], SnapshotEnd)
+            assert raw[-1].count == 50
             with pytest.raises(statecast.BadRequest, match="non-empty"):
                 await c.publish([{"collection": "x", "key": "", "value": 1}])
             with pytest.raises(statecast.ResyncRequired):
