@@ -253,3 +253,19 @@ def test_readyz_is_false_while_stopping() -> None:
     finally:
         stuck.close()
         stopper.join(TIMEOUT)
+
+
+def test_websocket_heartbeat() -> None:
+    srv = Server(port=0, http_port=0, heartbeat=0.2).start_in_thread()
+    try:
+
+        async def main() -> list[dict[str, Any]]:
+            async with aiohttp.ClientSession() as http, http.ws_connect(base(srv) + "/ws") as ws:
+                frames = ws_frames(ws)
+                await ws.send_str('{"op":"subscribe"}')
+                await read_until(frames, "subscribed")
+                return await read_until(frames, "heartbeat")
+
+        assert asyncio.run(main()) == [{"type": "heartbeat", "seq": 0}]
+    finally:
+        srv.stop_in_thread()

@@ -157,7 +157,9 @@ class WsConnection:
     # -- server interface ----------------------------------------------------------------
     def send_heartbeat(self) -> None:
         if not self._closing:
-            self._out.append(encode_heartbeat(self._server.engine.fanout.flushed_seq))
+            frame = encode_heartbeat(self._server.engine.fanout.flushed_seq)
+            self._out.append(frame)
+            self._queued += len(frame)
             self._wake.set()
 
     def shutdown(self) -> None:
