@@ -151,7 +151,7 @@ class Session:
             else:
                 self._pump_catch_up(st, max_bytes)
         except ProtocolError as exc:
-            self._fail(exc)
+            self.fail(exc)
         try:
             if self._stream is None and not self.closing:
                 self._process()  # requests that waited for the stream
@@ -186,7 +186,7 @@ class Session:
         self._engine.errors[exc.code] += 1
         self._out.append(encode_error(exc))
 
-    def _fail(self, exc: ProtocolError) -> None:
+    def fail(self, exc: ProtocolError) -> None:
         """An error that makes this connection unusable: report it, then close."""
         self._release()
         self._error(exc)
@@ -198,7 +198,7 @@ class Session:
             try:
                 line = reader.next_line()
             except TooLarge as exc:  # §1: the stream is unusable past this point
-                self._fail(exc)
+                self.fail(exc)
                 return
             if line is None:
                 return

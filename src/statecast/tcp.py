@@ -200,7 +200,7 @@ class TcpConnection(asyncio.Protocol):
             server.config.max_pending,
         )
         assert self.session is not None
-        self.session._fail(
+        self.session.fail(
             SlowConsumer(
                 f"more than {server.config.max_pending} bytes waiting to be sent: "
                 "resume with subscribe from your last seq"

@@ -143,7 +143,7 @@ class WsConnection:
                 pending,
                 limit,
             )
-            self.session._fail(
+            self.session.fail(
                 SlowConsumer(f"more than {limit} bytes waiting to be sent: resume with subscribe")
             )
             self._out.clear()  # what was queued is dropped: the bound holds
