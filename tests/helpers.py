@@ -169,6 +169,13 @@ class LineClient:
         self.close()
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for servers that must come back on it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
     """Poll until ``predicate()`` is true, or fail naming ``what``."""
     deadline = time.monotonic() + timeout

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import TIMEOUT, LineClient, ServeProcess
-from tests.test_replica import free_port
+from tests.helpers import TIMEOUT, LineClient, ServeProcess, free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

@@ -11,8 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tests.helpers import CMD, TIMEOUT, ServeProcess, frames_of
-from tests.test_replica import free_port
+from tests.helpers import CMD, TIMEOUT, ServeProcess, frames_of, free_port
 
 
 @pytest.fixture
