@@ -61,7 +61,7 @@ def test_dashboard_fills_updates_and_recovers(browser: Any, tmp_path: Path) -> N
     args = ("--demo", "--port", str(tcp), "--http-port", str(http), "--shutdown-grace", "1")
     server = ServeProcess(tmp_path, *args)
     page = browser.new_page(viewport={"width": 1400, "height": 900})
-    ms = int(TIMEOUT * 1000)
+    ms = int(TIMEOUT * 3000)
     try:
         page.goto(f"http://127.0.0.1:{http}/")
         page.wait_for_selector("body[data-state=live]", timeout=ms)

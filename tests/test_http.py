@@ -200,7 +200,8 @@ def test_websocket_slow_consumer_and_bye() -> None:
 
                 await asyncio.to_thread(flood)  # the client reads nothing meanwhile
                 assert srv.stats()["slow_consumer_disconnects"] == 1
-                frames = [f async for f in ws_frames(slow)]
+                async with asyncio.timeout(TIMEOUT):
+                    frames = [f async for f in ws_frames(slow)]
                 await slow.close()
                 return frames
 
@@ -222,7 +223,8 @@ def test_websocket_slow_consumer_and_bye() -> None:
             await ws.send_str("watch")
             await read_until(frames, "snapshot_end")
             await asyncio.to_thread(srv.stop_in_thread)
-            return [f async for f in frames]
+            async with asyncio.timeout(TIMEOUT):
+                return [f async for f in frames]
 
     assert asyncio.run(bye()) == [{"type": "bye", "reason": "shutdown"}]
 

@@ -111,8 +111,15 @@ def test_watch_shows_changes_and_resumes_after_a_restart(
         assert watch.stdout is not None
         assert watch.stderr is not None
         status: list[str] = []
-        while not any("live" in s for s in status):
-            status.append(watch.stderr.readline())
+
+        def status_line() -> str:
+            line = watch.stderr.readline()  # type: ignore[union-attr]
+            assert line, "watch exited: " + "".join(status)
+            status.append(line)
+            return line
+
+        while "live" not in status_line():
+            pass
         assert run(server, "publish", "c", "k", '{"v": 1}').returncode == 0
         first = msgspec.json.decode(watch.stdout.readline())
         assert first == {
@@ -127,8 +134,8 @@ def test_watch_shows_changes_and_resumes_after_a_restart(
         server.stop(signal.SIGKILL)
         server2 = ServeProcess(tmp_path, "--port", str(port), "--heartbeat", "1")
         try:
-            while "resumed" not in (line := watch.stderr.readline()):
-                status.append(line)
+            while "resumed" not in (line := status_line()):
+                pass
             assert "at seq 2" in line
             assert any("reconnecting" in s for s in status)
             assert run(server2, "publish", "--delete", "c", "k").returncode == 0
