@@ -118,7 +118,7 @@ def test_replica_survives_server_kill_and_restart(tmp_path: Path, store: str) ->
         else:
             assert replica.epoch == epoch  # the same history: it resumed
             assert replica.full_syncs == 1
-            assert replica.resumes == 2
+            assert replica.resumes >= 2  # once per restart at least (more if cut again)
 
     try:
         replica = run_replica(
