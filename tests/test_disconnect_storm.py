@@ -97,11 +97,14 @@ def test_disconnect_storm(caplog: pytest.LogCaptureFixture, event_loop: str) -> 
             frames = c.read_until("snapshot_end")
             assert frames[-1]["seq"] == srv.seq
             assert frames[-1]["count"] == stats["records"]
-    # Nothing logged an error, a traceback, or a warning from the event loop
-    # (such as asyncio's "socket.send() raised exception").
+    # Nothing logged an error, a traceback, or a warning from the event loop (such
+    # as asyncio's "socket.send() raised exception"). Debug mode's "Executing <Handle>
+    # took 0.1 seconds" is about the machine's load, not about correctness.
     bad = [
         r
         for r in caplog.records
-        if r.levelno >= logging.ERROR or r.exc_info or r.name.startswith("asyncio")
+        if r.levelno >= logging.ERROR
+        or r.exc_info
+        or (r.name.startswith("asyncio") and not r.getMessage().startswith("Executing "))
     ]
     assert bad == [], [r.getMessage() for r in bad]
