@@ -59,6 +59,30 @@ async def wait_counts(subs: list[Counter], target: int, until_bytes: bool = Fals
     await asyncio.gather(*waits)
 
 
+def change_lines(n_changes: int, batch: int, size: int) -> list[bytes]:
+    """The publish requests of the fan-out benchmarks: batches of 200-byte-ish values."""
+    lines = []
+    for b in range(0, n_changes, batch):
+        changes = [
+            {"collection": "orders", "key": f"O-{i % 10_000}", "value": value_of(size, i)}
+            for i in range(b, min(n_changes, b + batch))
+        ]
+        lines.append(encode({"op": "publish", "changes": changes}) + b"\n")
+    return lines
+
+
+async def publish_windowed(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lines: list[bytes], window: int = 8
+) -> None:
+    """Send every line, with at most ``window`` unacknowledged."""
+    acked = 0
+    for i, line in enumerate(lines):
+        writer.write(line)
+        if i - acked >= window:
+            await reader.readline()
+            acked += 1
+
+
 async def statecast_run(n_subs: int, n_changes: int, batch: int, size: int) -> dict[str, Any]:
     srv = StatecastProcess()
     try:
@@ -66,23 +90,11 @@ async def statecast_run(n_subs: int, n_changes: int, batch: int, size: int) -> d
         await wait_counts(subs, 2)  # hello, subscribed
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
         await reader.readline()
-        lines = []
-        for b in range(0, n_changes, batch):
-            changes = [
-                {"collection": "orders", "key": f"O-{i % 10_000}", "value": value_of(size, i)}
-                for i in range(b, min(n_changes, b + batch))
-            ]
-            lines.append(encode({"op": "publish", "changes": changes}) + b"\n")
+        lines = change_lines(n_changes, batch, size)
         frame_size = len(lines[0]) // batch
         t0 = time.perf_counter()
         cpu0 = cpu_seconds(srv.pid)
-        window = 8
-        acked = 0
-        for i, line in enumerate(lines):
-            writer.write(line)
-            if i - acked >= window:
-                await reader.readline()
-                acked += 1
+        await publish_windowed(reader, writer, lines)
         await wait_counts(subs, 2 + n_changes)
         elapsed = time.perf_counter() - t0
         server_cpu = (cpu_seconds(srv.pid) - cpu0) / elapsed

@@ -13,8 +13,8 @@ from typing import Any
 
 import aiohttp
 
-from common import StatecastProcess, cpu_seconds, encode, free_port, machine, new_loop, print_result
-from fanout import statecast_run, value_of
+from common import StatecastProcess, cpu_seconds, free_port, machine, new_loop, print_result
+from fanout import change_lines, publish_windowed, statecast_run
 
 
 async def ws_run(n_subs: int, n_changes: int, batch: int, size: int) -> dict[str, Any]:
@@ -53,21 +53,10 @@ async def ws_run(n_subs: int, n_changes: int, batch: int, size: int) -> dict[str
                 await r.wait()
             reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
             await reader.readline()
-            lines = []
-            for b in range(0, n_changes, batch):
-                changes = [
-                    {"collection": "orders", "key": f"O-{i % 10_000}", "value": value_of(size, i)}
-                    for i in range(b, min(n_changes, b + batch))
-                ]
-                lines.append(encode({"op": "publish", "changes": changes}) + b"\n")
+            lines = change_lines(n_changes, batch, size)
             t0 = time.perf_counter()
             cpu0 = cpu_seconds(srv.pid)
-            acked = 0
-            for i, line in enumerate(lines):
-                writer.write(line)
-                if i - acked >= 8:
-                    await reader.readline()
-                    acked += 1
+            await publish_windowed(reader, writer, lines)
             await done.wait()
             elapsed = time.perf_counter() - t0
             server_cpu = (cpu_seconds(srv.pid) - cpu0) / elapsed
