@@ -59,6 +59,21 @@ async def wait_counts(subs: list[Counter], target: int, until_bytes: bool = Fals
     await asyncio.gather(*waits)
 
 
+def fanout_result(
+    n_subs: int, n_changes: int, elapsed: float, nbytes: int, server_cpu: float, **extra: Any
+) -> dict[str, Any]:
+    """The figures every fan-out run reports, in the same order."""
+    return {
+        "subscribers": n_subs,
+        "changes": n_changes,
+        **extra,
+        "seconds": elapsed,
+        "deliveries/s": n_subs * n_changes / elapsed,
+        "MB/s to subscribers": nbytes / elapsed / 1e6,
+        "server CPU (cores busy)": server_cpu,
+    }
+
+
 def change_lines(n_changes: int, batch: int, size: int) -> list[bytes]:
     """The publish requests of the fan-out benchmarks: batches of 200-byte-ish values."""
     lines = []
@@ -101,16 +116,14 @@ async def statecast_run(n_subs: int, n_changes: int, batch: int, size: int) -> d
         writer.close()
         for s in subs:
             s.transport.close()  # type: ignore[union-attr]
-        return {
-            "subscribers": n_subs,
-            "changes": n_changes,
-            "publish batch": batch,
-            "change frame bytes (about)": frame_size,
-            "seconds": elapsed,
-            "deliveries/s": n_subs * n_changes / elapsed,
-            "MB/s to subscribers": sum(s.bytes for s in subs) / elapsed / 1e6,
-            "server CPU (cores busy)": server_cpu,
-        }
+        return fanout_result(
+            n_subs,
+            n_changes,
+            elapsed,
+            sum(s.bytes for s in subs),
+            server_cpu,
+            **{"publish batch": batch, "change frame bytes (about)": frame_size},
+        )
     finally:
         srv.stop()
 
@@ -139,15 +152,14 @@ async def redis_run(n_subs: int, n_changes: int, batch: int, size: int) -> dict[
         writer.close()
         for s in subs:
             s.transport.close()  # type: ignore[union-attr]
-        return {
-            "subscribers": n_subs,
-            "changes": n_changes,
-            "publish pipeline": batch,
-            "seconds": elapsed,
-            "deliveries/s": n_subs * n_changes / elapsed,
-            "MB/s to subscribers": sum(s.bytes for s in subs) / elapsed / 1e6,
-            "server CPU (cores busy)": server_cpu,
-        }
+        return fanout_result(
+            n_subs,
+            n_changes,
+            elapsed,
+            sum(s.bytes for s in subs),
+            server_cpu,
+            **{"publish pipeline": batch},
+        )
     finally:
         srv.stop()
 

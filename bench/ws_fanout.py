@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 
 from common import StatecastProcess, cpu_seconds, free_port, machine, new_loop, print_result
-from fanout import change_lines, publish_windowed, statecast_run
+from fanout import change_lines, fanout_result, publish_windowed, statecast_run
 
 
 async def ws_run(n_subs: int, n_changes: int, batch: int, size: int) -> dict[str, Any]:
@@ -62,15 +62,9 @@ async def ws_run(n_subs: int, n_changes: int, batch: int, size: int) -> dict[str
             server_cpu = (cpu_seconds(srv.pid) - cpu0) / elapsed
             writer.close()
             await asyncio.gather(*tasks)
-        return {
-            "subscribers": n_subs,
-            "changes": n_changes,
-            "publish batch": batch,
-            "seconds": elapsed,
-            "deliveries/s": n_subs * n_changes / elapsed,
-            "MB/s to subscribers": sum(nbytes) / elapsed / 1e6,
-            "server CPU (cores busy)": server_cpu,
-        }
+        return fanout_result(
+            n_subs, n_changes, elapsed, sum(nbytes), server_cpu, **{"publish batch": batch}
+        )
     finally:
         srv.stop()
 
