@@ -13,6 +13,21 @@ import pytest
 from tests.helpers import CMD, TIMEOUT, LineClient, ServeProcess, frames_of
 
 
+def statecast(
+    cwd: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a ``statecast`` command to its end, in ``cwd``."""
+    return subprocess.run(
+        [*CMD, *args],
+        capture_output=True,
+        check=False,
+        cwd=cwd,
+        text=True,
+        timeout=TIMEOUT * 3,
+        env=env,
+    )
+
+
 @pytest.fixture
 def proc(tmp_path: Path) -> Iterator[ServeProcess]:
     p = ServeProcess(tmp_path, "--shutdown-grace", "2")
@@ -76,60 +91,29 @@ def test_demo_desk_publishes_atomic_fills(tmp_path: Path) -> None:
 
 
 def test_bad_options_are_usage_errors(tmp_path: Path) -> None:
-    r = subprocess.run(
-        [*CMD, "serve", "--max-pending", "10"],
-        capture_output=True,
-        check=False,
-        cwd=tmp_path,
-        text=True,
-        timeout=TIMEOUT * 3,
-    )
+    r = statecast(tmp_path, "serve", "--max-pending", "10")
     assert r.returncode == 2
     assert "max_pending must be at least 65536" in r.stderr
-    r = subprocess.run(
-        [*CMD, "serve", "--store", "postgres"],
-        capture_output=True,
-        check=False,
-        cwd=tmp_path,
-        text=True,
-        timeout=TIMEOUT * 3,
-    )
+    r = statecast(tmp_path, "serve", "--store", "postgres")
     assert r.returncode == 2
     assert "unknown store 'postgres'" in r.stderr
 
 
 def test_environment_variables_map_to_options(tmp_path: Path) -> None:
     env = {**os.environ, "STATECAST_MAX_PENDING": "3"}
-    r = subprocess.run(
-        [*CMD, "serve", "--port", "0"],
-        capture_output=True,
-        check=False,
-        cwd=tmp_path,
-        text=True,
-        timeout=TIMEOUT * 3,
-        env=env,
-    )
+    r = statecast(tmp_path, "serve", "--port", "0", env=env)
     assert r.returncode == 2
     assert "max_pending must be at least 65536 bytes, not 3" in r.stderr
 
 
 def test_port_in_use_is_a_clear_error(proc: ServeProcess, tmp_path: Path) -> None:
-    r = subprocess.run(
-        [*CMD, "serve", "--port", str(proc.port), "--store", "memory"],
-        capture_output=True,
-        check=False,
-        cwd=tmp_path,
-        text=True,
-        timeout=TIMEOUT * 3,
-    )
+    r = statecast(tmp_path, "serve", "--port", str(proc.port), "--store", "memory")
     assert r.returncode == 1
     assert "cannot start" in r.stderr
     assert "Traceback" not in r.stderr
 
 
-def test_version() -> None:
-    r = subprocess.run(
-        [*CMD, "--version"], capture_output=True, check=False, text=True, timeout=TIMEOUT * 3
-    )
+def test_version(tmp_path: Path) -> None:
+    r = statecast(tmp_path, "--version")
     assert r.returncode == 0
     assert r.stdout.startswith("statecast, version ")
