@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import msgspec
 
-from statecast.server import new_event_loop
+from statecast.loops import new_event_loop
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -59,7 +59,7 @@ class StatecastProcess:
     """``statecast serve`` on a free port, in its own process; the memory store unless
     ``args`` name another."""
 
-    def __init__(self, *args: str, http_port: int = 0) -> None:
+    def __init__(self, *args: str, http_port: int | None = None) -> None:
         self.port = free_port()
         if "--store" not in args:
             args = ("--store", "memory", *args)
@@ -72,7 +72,7 @@ class StatecastProcess:
                 "--port",
                 str(self.port),
                 "--http-port",
-                str(http_port),
+                "off" if http_port is None else str(http_port),
                 "--heartbeat",
                 "0",
                 "--log-level",

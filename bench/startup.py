@@ -32,7 +32,7 @@ def start(db: Path, port: int, retain: int) -> subprocess.Popen[bytes]:
             "--port",
             str(port),
             "--http-port",
-            "0",
+            "off",
             "--store",
             f"sqlite:{db}",
             "--retain",

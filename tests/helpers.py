@@ -41,7 +41,7 @@ class ServeProcess:
     def __init__(self, cwd: Path, *args: str) -> None:
         self.cwd = cwd
         if "--http-port" not in args:
-            args = ("--http-port", "0", *args)  # off, unless a test asks for it
+            args = ("--http-port", "off", *args)  # off, unless a test asks for it
         self.p = subprocess.Popen(
             [*CMD, "serve", "--port", "0", *args],
             stdout=subprocess.PIPE,

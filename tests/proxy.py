@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import threading
 
-from statecast.server import new_event_loop
+from statecast.loops import new_event_loop
 
 
 class CuttingProxy:

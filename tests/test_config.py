@@ -25,13 +25,14 @@ def test_invalid_settings_name_the_field(field: str, value: object, fragment: st
 
 def test_defaults_match_the_documented_ones() -> None:
     c = Config()
-    assert (c.host, c.port, c.store, c.retain) == ("127.0.0.1", 8989, "memory", 1_000_000)
+    assert (c.host, c.port, c.http_port, c.store) == ("127.0.0.1", 8989, 8990, "sqlite")
+    assert c.retain == 1_000_000
     assert (c.max_pending, c.max_line) == (8 * 1024 * 1024, 1024 * 1024)
     assert (c.heartbeat, c.shutdown_grace, c.flush_interval) == (10.0, 5.0, 0.0)
 
 
 def test_server_keywords_override_the_config() -> None:
-    s = Server(Config(retain=5), port=0, max_line=4096)
+    s = Server(Config(retain=5), store="memory", http_port=None, port=0, max_line=4096)
     assert (s.config.retain, s.config.port, s.config.max_line) == (5, 0, 4096)
     with pytest.raises(ConfigError):
         Server(port=-1)

@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
+from statecast.core.protocol import Change, prepare_changes
 from statecast.errors import ShuttingDown
 from statecast.inbox import Item, PublishInbox
-from statecast.protocol import Change, prepare_changes
 
 
 def test_bursts_from_threads_wake_the_loop_rarely_and_keep_each_threads_order() -> None:

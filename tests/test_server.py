@@ -138,7 +138,7 @@ def test_resume_and_resync_required(server: Server) -> None:
 
 
 def test_retention_limit() -> None:
-    with Server(port=0, retain=5, heartbeat=None) as srv:
+    with Server(store="memory", http_port=None, port=0, retain=5, heartbeat=None) as srv:
         for i in range(20):
             srv.put("c", f"k{i}", i)
         with LineClient(srv.port) as c:
@@ -171,7 +171,7 @@ def test_bad_input_gets_an_error_and_the_connection_lives(
 
 
 def test_oversized_line_gets_too_large_and_closes() -> None:
-    with Server(port=0, max_line=4096, heartbeat=None) as srv:
+    with Server(store="memory", http_port=None, port=0, max_line=4096, heartbeat=None) as srv:
         with LineClient(srv.port) as c:
             c.send(b"x" * 10_000)
             rest = frames_of(c.read_all())
@@ -190,7 +190,14 @@ def test_oversized_line_gets_too_large_and_closes() -> None:
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 def test_slow_consumer_is_cut_off_and_others_are_not_slowed(event_loop: str) -> None:
     limit = 256 * 1024
-    with Server(port=0, max_pending=limit, heartbeat=None, event_loop=event_loop) as srv:
+    with Server(
+        store="memory",
+        http_port=None,
+        port=0,
+        max_pending=limit,
+        heartbeat=None,
+        event_loop=event_loop,
+    ) as srv:
         slow = LineClient(srv.port, rcvbuf=4096)
         assert slow.request({"op": "subscribe"})["type"] == "subscribed"
         fast = LineClient(srv.port)
@@ -226,7 +233,7 @@ def test_slow_consumer_is_cut_off_and_others_are_not_slowed(event_loop: str) -> 
 
 
 def test_heartbeat_to_an_idle_subscriber() -> None:
-    with Server(port=0, heartbeat=0.2) as srv:
+    with Server(store="memory", http_port=None, port=0, heartbeat=0.2) as srv:
         srv.put("c", "k", 1)
         with LineClient(srv.port) as c:
             c.request({"op": "subscribe"})
@@ -239,7 +246,9 @@ def test_heartbeat_to_an_idle_subscriber() -> None:
 
 
 def test_shutdown_says_bye_to_everyone() -> None:
-    srv = Server(port=0, heartbeat=None, shutdown_grace=5).start_in_thread()
+    srv = Server(
+        store="memory", http_port=None, port=0, heartbeat=None, shutdown_grace=5
+    ).start_in_thread()
     port = srv.port
     srv.publish([Change("c", f"k{i}", {"pad": "p" * 500}) for i in range(20_000)])
     live = LineClient(srv.port)
@@ -294,11 +303,11 @@ def test_publish_api_errors(server: Server) -> None:
         server.put("c", "k", {"x": object()})
     assert server.seq == 0
     with pytest.raises(ServerStateError, match="not running"):
-        Server(port=0).publish([Change("c", "k", 1)])
+        Server(store="memory", http_port=None, port=0).publish([Change("c", "k", 1)])
 
 
 def test_publish_after_stop_is_refused() -> None:
-    srv = Server(port=0, heartbeat=None).start_in_thread()
+    srv = Server(store="memory", http_port=None, port=0, heartbeat=None).start_in_thread()
     srv.put("c", "k", 1)
     srv.stop_in_thread()
     with pytest.raises((ShuttingDown, ServerStateError)):
@@ -307,7 +316,7 @@ def test_publish_after_stop_is_refused() -> None:
 
 def test_async_api_on_the_server_loop() -> None:
     async def main() -> list[Frame]:
-        async with Server(port=0, heartbeat=None) as srv:
+        async with Server(store="memory", http_port=None, port=0, heartbeat=None) as srv:
             with pytest.raises(ServerStateError, match="apublish"):
                 srv.publish([Change("c", "k", 0)])
             assert await srv.apublish([Change("c", "k", 1)]) == 1

@@ -1,3 +1,3 @@
-from statecast.cli import main
+from statecast.cli.main import main
 
 main()

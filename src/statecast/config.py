@@ -1,7 +1,9 @@
 """Every setting of a server, with its default, in one typed object.
 
 The command line (``statecast serve --max-pending ...``) and the environment
-(``STATECAST_MAX_PENDING=...``) map one to one onto these fields.
+(``STATECAST_MAX_PENDING=...``) map one to one onto these fields, with these
+defaults: an embedded ``Server()`` and ``statecast serve`` behave the same
+(``tests/cli/test_main.py`` checks it). ``None`` means "off" wherever it is allowed.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ class Config:
     # Network
     host: str = "127.0.0.1"
     port: int = 8989  # 0 picks a free port (tests)
-    http_port: int | None = None  # WebSocket, HTTP API, metrics, dashboard; None: off
+    http_port: int | None = 8990  # WebSocket, HTTP API, metrics, dashboard; 0: any; None: off
 
     # State
-    store: str = "memory"  # "memory", "sqlite" (in data_dir) or "sqlite:PATH"
+    store: str = "sqlite"  # "sqlite" (in data_dir), "sqlite:PATH" or "memory"
     data_dir: str = "."  # where "sqlite" keeps statecast.db
     sqlite_synchronous: Literal["full", "normal"] = "full"  # see docs/durability.md
     sqlite_busy_timeout: float = 2.0  # seconds a commit waits for another process's lock

@@ -12,8 +12,8 @@ import concurrent.futures
 import threading
 from collections.abc import Callable
 
+from statecast.core.protocol import PreparedChange
 from statecast.errors import ShuttingDown
-from statecast.protocol import PreparedChange
 
 __all__ = ["PublishInbox"]
 

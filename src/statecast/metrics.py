@@ -8,30 +8,31 @@ flush, not per change or per subscriber.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from statecast.server import Server
+from statecast.errors import ServerStateError
+from statecast.transports.base import Host
 
 __all__ = ["Metrics"]
 
 
 class _ServerCollector(Collector):
-    def __init__(self, server: Server) -> None:
-        self._server = server
+    def __init__(self, host: Host) -> None:
+        self._host = host
 
     def collect(self) -> Iterator[Metric]:
-        server = self._server
-        if server._engine is None:
+        host = self._host
+        try:
+            engine = host.engine
+        except ServerStateError:  # the store is still loading
             return
-        engine = server.engine
+        connections = host.connections
         by_transport: dict[str, int] = {"tcp": 0, "ws": 0}
         pending = 0
-        for conn in list(server._connections):
+        for conn in connections:
             by_transport[conn.transport_name] = by_transport.get(conn.transport_name, 0) + 1
             pending += conn.pending_bytes()
         g = GaugeMetricFamily(
@@ -58,8 +59,8 @@ class _ServerCollector(Collector):
             "statecast_changes_published", "Changes applied.", value=engine.changes_published
         )
         yield CounterMetricFamily(
-            "statecast_frames_sent",
-            "Change frames handed to subscribers.",
+            "statecast_deliveries",
+            "Change frames handed to subscribers (the 'deliveries' of stats).",
             value=engine.fanout.deliveries,
         )
         yield CounterMetricFamily(
@@ -73,12 +74,12 @@ class _ServerCollector(Collector):
         yield CounterMetricFamily(
             "statecast_slow_consumer_disconnects",
             "Subscribers cut off for falling behind.",
-            value=server.slow_consumer_disconnects,
+            value=connections.slow_consumer_disconnects,
         )
         yield CounterMetricFamily(
             "statecast_connections_accepted",
             "Connections accepted.",
-            value=server.connections_accepted,
+            value=connections.accepted,
         )
         errors = CounterMetricFamily(
             "statecast_errors", "Error frames sent, by code.", labels=["code"]
@@ -91,9 +92,9 @@ class _ServerCollector(Collector):
 class Metrics:
     """One registry per server (several servers may live in one process)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, host: Host) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_ServerCollector(server))
+        self.registry.register(_ServerCollector(host))
         self.latency = Histogram(
             "statecast_publish_to_send_seconds",
             "Time from a change being applied to its frames being handed to subscribers "
@@ -115,4 +116,4 @@ class Metrics:
             ),
             registry=self.registry,
         )
-        server.on_engine(lambda engine: setattr(engine.fanout, "on_flush", self.latency.observe))
+        host.on_engine(lambda engine: setattr(engine.fanout, "on_flush", self.latency.observe))

@@ -21,92 +21,49 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 from aiohttp import web
 
+from statecast._version import __version__
 from statecast.config import Config
-from statecast.engine import Engine
+from statecast.core.engine import Engine
+from statecast.core.fanout import Subscriber
+from statecast.core.pacing import FlushPacer
+from statecast.core.protocol import Change, PreparedChange, prepare_changes
+from statecast.core.session import Session
+from statecast.core.store import Store
 from statecast.errors import ProtocolError, ServerStateError, ShuttingDown
-from statecast.fanout import Subscriber
 from statecast.inbox import Item, PublishInbox
-from statecast.protocol import Change, PreparedChange, prepare_changes
-from statecast.session import Session
-from statecast.stores import Store, open_store
-from statecast.tcp import TcpConnection
+from statecast.loops import LoopThread
+from statecast.stores import open_store
+from statecast.transports.base import Connections
+from statecast.transports.http import make_app
+from statecast.transports.tcp import TcpConnection
 
-__all__ = ["Server", "__version__", "new_event_loop"]
+__all__ = ["Server"]
 
 log = logging.getLogger("statecast.server")
 
-try:
-    __version__ = version("statecast")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+unknown"
-
-
-class Connection(Protocol):
-    """What the server needs of a connection, whatever its transport."""
-
-    transport_name: str
-    last_send: float
-
-    @property
-    def session(self) -> Session | None: ...
-
-    def send_heartbeat(self) -> None: ...
-    def shutdown(self) -> None: ...
-    def abort(self) -> None: ...
-    def pending_bytes(self) -> int: ...
-
-
 Changes = Iterable[Change | Mapping[str, Any]] | Change | Mapping[str, Any]
+AnyFuture = asyncio.Future[int] | concurrent.futures.Future[int]
 
 
-def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
-    """A new event loop: uvloop when available (``auto``) or asked for."""
-    if kind in ("auto", "uvloop"):
-        try:
-            import uvloop  # noqa: PLC0415 (optional dependency)
-        except ImportError:
-            if kind == "uvloop":
-                raise
+def _settle(fut: AnyFuture) -> Callable[[int | ProtocolError], None]:
+    """A publish's done callback that resolves ``fut`` with the seq or the error."""
+
+    def done(result: int | ProtocolError) -> None:
+        if fut.cancelled():
+            return
+        if isinstance(result, int):
+            fut.set_result(result)
         else:
-            return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
+            fut.set_exception(result)
 
-
-class FlushPacer:
-    """Decides when the fan-out flushes queued changes.
-
-    As soon as possible when the server is idle, but never sooner after the last
-    flush than that flush took (nor than ``min_interval``): under a heavy fan-out,
-    changes then gather into fewer, larger writes instead of the flushes taking all
-    the loop's time, so ingest and reads keep at least half of it.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, min_interval: float) -> None:
-        self._loop = loop
-        self._min = min_interval
-        self._next = 0.0  # loop time before which no flush starts
-
-    def schedule(self, flush: Callable[[], None]) -> None:
-        delay = self._next - self._loop.time()
-        if delay > 0:
-            self._loop.call_later(delay, self._run, flush)
-        else:
-            self._loop.call_soon(self._run, flush)
-
-    def _run(self, flush: Callable[[], None]) -> None:
-        t0 = self._loop.time()
-        flush()
-        t1 = self._loop.time()
-        self._next = t1 + max(self._min, t1 - t0)
+    return done
 
 
 class Server:
@@ -119,11 +76,10 @@ class Server:
         self._store: Store | None = None
         self._inbox: PublishInbox | None = None
         self._listener: asyncio.Server | None = None
-        self._connections: set[Connection] = set()
+        self.connections = Connections()
         self._heartbeat_task: asyncio.Task[None] | None = None
-        self._idle: asyncio.Event | None = None  # set while there is no connection
         self._stopped: asyncio.Event | None = None
-        self._thread: threading.Thread | None = None
+        self._loop_thread: LoopThread | None = None
         self.stopping = False
         self.ready = False  # serving: the store is loaded and we are not stopping
         self._started_at = 0.0
@@ -131,9 +87,6 @@ class Server:
         self._http: web.AppRunner | None = None
         self._http_site: web.TCPSite | None = None
         self.clock = 0.0  # loop time, refreshed by the heartbeat timer
-        # Counters (metrics come later; the same numbers feed them).
-        self.connections_accepted = 0
-        self.slow_consumer_disconnects = 0
 
     # -- lifecycle (event loop) ----------------------------------------------
     async def start(self) -> None:
@@ -146,8 +99,6 @@ class Server:
         cfg = self.config
         if cfg.http_port is not None:
             # HTTP first: /healthz and /readyz answer while the store loads.
-            from statecast.http import make_app  # noqa: PLC0415 (import cycle)
-
             self._http = web.AppRunner(make_app(self), access_log=None)
             await self._http.setup()
             self._http_site = web.TCPSite(self._http, cfg.host, cfg.http_port, reuse_address=True)
@@ -178,8 +129,6 @@ class Server:
         for callback in self._engine_callbacks:
             callback(self._engine)
         self._inbox = PublishInbox(loop, self._apply_inbox)
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._stopped = asyncio.Event()
         self._listener = await loop.create_server(
             lambda: TcpConnection(self),
@@ -214,7 +163,6 @@ class Server:
         grace = self.config.shutdown_grace if grace is None else grace
         assert self._listener is not None
         assert self._inbox is not None
-        assert self._idle is not None
         assert self._engine is not None
         assert self._store is not None
         self._listener.close()
@@ -223,21 +171,21 @@ class Server:
         self._store.flush(lambda: committed.set_result(None))
         await committed  # every publish received is committed (or failed) and acked
         self._engine.fanout.flush()
-        for conn in list(self._connections):
+        for conn in self.connections:
             conn.shutdown()
-        if self._connections:
+        if self.connections:
             try:
-                await asyncio.wait_for(self._idle.wait(), grace)
+                await asyncio.wait_for(self.connections.wait_idle(), grace)
             except TimeoutError:
                 log.warning(
                     "%d connection(s) did not drain within %.1fs; closing them",
-                    len(self._connections),
+                    len(self.connections),
                     grace,
                 )
-                for conn in list(self._connections):
+                for conn in self.connections:
                     conn.abort()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), 1.0)
+                    await asyncio.wait_for(self.connections.wait_idle(), 1.0)
         await self._listener.wait_closed()
         if self._http is not None:
             await self._http.cleanup()
@@ -266,41 +214,26 @@ class Server:
     # -- lifecycle (from a plain thread) -------------------------------------
     def start_in_thread(self, timeout: float = 10.0) -> Self:
         """Run the server on its own event loop in a background thread."""
-        if self._thread is not None or self._loop is not None:
+        if self._loop_thread is not None or self._loop is not None:
             raise ServerStateError("this server was started already")
-        started: concurrent.futures.Future[None] = concurrent.futures.Future()
-
-        def run() -> None:
-            loop = new_event_loop(self.config.event_loop)
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self.start())
-            except BaseException as exc:
-                started.set_exception(exc)
-                loop.close()
-                return
-            started.set_result(None)
-            try:
-                loop.run_until_complete(self.wait_stopped())
-            finally:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="statecast-server", daemon=True)
-        self._thread.start()
-        started.result(timeout)
+        lt = LoopThread("statecast-server", self.config.event_loop)
+        try:
+            lt.run(self.start(), timeout)
+        except BaseException:
+            lt.close()
+            raise
+        self._loop_thread = lt
         return self
 
     def stop_in_thread(self, grace: float | None = None, timeout: float | None = None) -> None:
         """Stop a server started with :meth:`start_in_thread`, and join its thread."""
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None:
+        lt, self._loop_thread = self._loop_thread, None
+        if lt is None:
             return
-        if not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                fut = asyncio.run_coroutine_threadsafe(self.stop(grace), loop)
-                fut.result(timeout)
-        thread.join(timeout)
+        try:
+            lt.run(self.stop(grace), timeout)
+        finally:
+            lt.close(timeout)
 
     def __enter__(self) -> Self:
         return self.start_in_thread()
@@ -339,14 +272,7 @@ class Server:
             if self.stopping:
                 raise ShuttingDown("the server is shutting down")
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-            def done(result: int | ProtocolError) -> None:
-                if isinstance(result, int):
-                    fut.set_result(result)
-                else:
-                    fut.set_exception(result)
-
-            self.engine.publish(batch, done)
+            self.engine.publish(batch, _settle(fut))
             return await fut
         if self._inbox is None:
             raise ServerStateError("the server is not running: start it before publishing")
@@ -363,19 +289,8 @@ class Server:
     def _apply_inbox(self, items: list[Item]) -> None:
         engine = self.engine
         for batch, fut in items:
-
-            def done(
-                result: int | ProtocolError, fut: concurrent.futures.Future[int] = fut
-            ) -> None:
-                if fut.cancelled():
-                    return
-                if isinstance(result, int):
-                    fut.set_result(result)
-                else:
-                    fut.set_exception(result)
-
             try:
-                engine.publish(batch, done)
+                engine.publish(batch, _settle(fut))
             except Exception as exc:  # a bug: report it to the caller, keep serving
                 log.exception("internal error while applying a publish")
                 fut.set_exception(exc)
@@ -450,14 +365,14 @@ class Server:
         return {
             "seq": engine.seq,
             "epoch": engine.epoch,
-            "connections": len(self._connections),
-            "connections_accepted": self.connections_accepted,
+            "connections": len(self.connections),
+            "connections_accepted": self.connections.accepted,
             "subscribers": engine.fanout.subscriber_count,
             "records": len(engine.store.state),
             "open_snapshots": engine.store.state.open_snapshots,
             "changes_published": engine.changes_published,
             "deliveries": engine.fanout.deliveries,
-            "slow_consumer_disconnects": self.slow_consumer_disconnects,
+            "slow_consumer_disconnects": self.connections.slow_consumer_disconnects,
             "publishes_failed": engine.publishes_failed,
             "retained_changes": len(engine.store.log),
             "store": engine.store.description,
@@ -465,17 +380,6 @@ class Server:
         }
 
     # -- connections -----------------------------------------------------------
-    def _register(self, conn: Connection) -> None:
-        self._connections.add(conn)
-        self.connections_accepted += 1
-        if self._idle is not None:
-            self._idle.clear()
-
-    def _unregister(self, conn: Connection) -> None:
-        self._connections.discard(conn)
-        if not self._connections and self._idle is not None:
-            self._idle.set()
-
     async def _heartbeats(self) -> None:
         """§4.3: a heartbeat to every subscriber that has had no frame for a while."""
         loop = asyncio.get_running_loop()
@@ -486,7 +390,7 @@ class Server:
             self.clock = now = loop.time()
             if interval is None:
                 continue
-            for conn in list(self._connections):
+            for conn in self.connections:
                 session = conn.session
                 if session is not None and session.joined and now - conn.last_send >= interval:
                     conn.send_heartbeat()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from statecast.changelog import ChangeLog
-from statecast.protocol import PreparedChange
-from statecast.state import State, encode_batch
-from statecast.stores import Committed, ToLoop, new_epoch
+from statecast.core.changelog import ChangeLog
+from statecast.core.protocol import PreparedChange
+from statecast.core.state import State, encode_batch
+from statecast.core.store import Committed, ToLoop, new_epoch
 
 __all__ = ["MemoryStore"]
 

@@ -36,15 +36,16 @@ from typing import Final
 
 import msgspec
 
-from statecast.changelog import ChangeLog
+from statecast._version import __version__
+from statecast.core.changelog import ChangeLog
+from statecast.core.protocol import PreparedChange
+from statecast.core.state import Record, State, encode_batch
+from statecast.core.store import Committed, ToLoop, new_epoch
 from statecast.errors import InternalError, StoreError, Unavailable
-from statecast.protocol import PreparedChange
-from statecast.state import Record, State, encode_batch
-from statecast.stores import Committed, ToLoop, new_epoch
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-log = logging.getLogger("statecast.store")
+log = logging.getLogger("statecast.stores.sqlite")
 
 SCHEMA_VERSION: Final = 1
 FORMAT: Final = "statecast"
@@ -230,11 +231,7 @@ class SQLiteStore:
         )
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.execute("PRAGMA journal_size_limit=67108864")
-            # Checkpoints run in a thread of their own (_checkpoints), not in commits;
-            # the writer checkpoints only if that thread falls far behind (16 MB).
-            conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_BACKSTOP}")
+            self._pragmas(conn)
             tables = {
                 r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
             }
@@ -247,9 +244,15 @@ class SQLiteStore:
             raise StoreError(f"cannot open {self.path}: {exc}") from None
         return conn
 
-    def _create(self, conn: sqlite3.Connection) -> None:
-        from statecast.server import __version__  # noqa: PLC0415 (import cycle)
+    def _pragmas(self, conn: sqlite3.Connection) -> None:
+        """The per-connection settings, for the first connection and every reconnect."""
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA journal_size_limit=67108864")
+        # Checkpoints run in a thread of their own (_checkpoints), not in commits;
+        # the writer checkpoints only if that thread falls far behind (16 MB).
+        conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_BACKSTOP}")
 
+    def _create(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         for statement in _SCHEMA.split(";"):
             if statement.strip():
@@ -455,7 +458,7 @@ class SQLiteStore:
             return
         except Exception:  # a bug: fail these publishes, keep the writer alive
             log.exception("internal error while committing to %s", self.path)
-            self._conn = None
+            self._drop_connection()
 
             def fail_internal() -> None:
                 for job in group:
@@ -487,10 +490,7 @@ class SQLiteStore:
                 reason,
             )
         # The connection may be unusable after an I/O error: open a new one next time.
-        if self._conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.close()
-            self._conn = None
+        self._drop_connection()
         error = Unavailable(f"the store cannot be written ({reason}); try again later")
 
         def fail() -> None:
@@ -499,13 +499,18 @@ class SQLiteStore:
 
         self._post(fail)
 
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             conn = sqlite3.connect(
                 self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
             )
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_BACKSTOP}")
+            self._pragmas(conn)
             self._conn = conn
         return self._conn
 

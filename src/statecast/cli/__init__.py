@@ -1,0 +1,1 @@
+"""The ``statecast`` command line: ``main`` (click), ``commands`` and ``demo``."""

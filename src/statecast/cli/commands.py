@@ -1,0 +1,275 @@
+"""The client commands of ``statecast``: sync, watch, publish, stats.
+
+Each is a coroutine that returns an exit status; ``cli.py`` maps the command line
+onto them. Progress and status go to standard error, data to standard output, so
+that ``statecast sync > state.ndjson`` and ``statecast watch --json | jq`` work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import IO, Any
+
+import msgspec
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from statecast.client.connection import Client
+from statecast.client.replica import Replica, Resynced, Status
+from statecast.core.frames import ChangeFrame, SnapshotBegin, SnapshotEnd, encode
+from statecast.core.protocol import Change
+from statecast.errors import ConnectionClosed, ProtocolError, StatecastError
+from statecast.loops import new_event_loop
+
+__all__ = ["publish_many", "publish_one", "run_tool", "stats", "sync", "watch"]
+
+_encode = msgspec.json.encode
+
+
+def run_tool(coro: Callable[[], Awaitable[int]]) -> int:
+    """Run a command; connection and server errors become one line and status 1."""
+    err = Console(stderr=True, soft_wrap=True)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        try:
+            return runner.run(coro())  # type: ignore[arg-type]
+        except KeyboardInterrupt:
+            return 130
+        except ConnectionClosed as exc:
+            err.print(f"[red]statecast:[/] {escape(str(exc))}")
+            return 1
+        except ProtocolError as exc:
+            err.print(f"[red]statecast:[/] {exc.code}: {escape(exc.message)}")
+            return 1
+        except StatecastError as exc:
+            err.print(f"[red]statecast:[/] {escape(str(exc))}")
+            return 1
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+# -- sync ---------------------------------------------------------------------------
+async def sync(url: str, collections: list[str] | None, output: IO[bytes], label: str) -> int:
+    """Write the snapshot as NDJSON ``record`` lines; progress on a terminal."""
+    err = Console(stderr=True, soft_wrap=True)
+    show = err.is_terminal
+    t0 = time.monotonic()
+    async with Client(url) as client:
+        start_bytes = client.bytes_received
+        progress = Progress(
+            TextColumn("[bold]sync[/]"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.completed:,.0f}/{task.fields[total_text]} records"),
+            TextColumn("{task.fields[mb]}"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            disable=not show,
+            transient=True,
+        )
+        records = 0
+        end: SnapshotEnd | None = None
+        begin: SnapshotBegin | None = None
+        with progress:
+            task = progress.add_task("sync", total=None, total_text="?", mb="", rate="")
+            buf: list[bytes] = []
+            async for frame in client.sync_raw(collections=collections):
+                if isinstance(frame, bytes):  # a record line, copied as it came
+                    buf.append(frame)
+                    records += 1
+                    if len(buf) >= 1024:
+                        output.write(b"\n".join(buf) + b"\n")
+                        buf = []
+                        got = client.bytes_received - start_bytes
+                        elapsed = max(time.monotonic() - t0, 1e-6)
+                        progress.update(
+                            task,
+                            completed=records,
+                            mb=_mb(got),
+                            rate=f"{got / elapsed / 1e6:,.0f} MB/s",
+                        )
+                elif isinstance(frame, SnapshotBegin):
+                    begin = frame
+                    total = frame.count
+                    progress.update(
+                        task, total=total, total_text=f"{total:,}" if total is not None else "?"
+                    )
+                elif isinstance(frame, SnapshotEnd):
+                    end = frame
+            if buf:
+                output.write(b"\n".join(buf) + b"\n")
+        output.flush()
+        got = client.bytes_received - start_bytes
+    elapsed = time.monotonic() - t0
+    assert end is not None
+    assert begin is not None
+    err.print(
+        f"synced [bold]{records:,}[/] records ({_mb(got)}) at seq {end.seq} "
+        f"(epoch {begin.epoch}) in {elapsed:.2f}s, {got / max(elapsed, 1e-6) / 1e6:,.0f} MB/s"
+        f" -> {escape(label)}",
+        highlight=False,
+    )
+    return 0
+
+
+# -- watch --------------------------------------------------------------------------
+_STATUS_STYLE = {
+    "connecting": "yellow",
+    "syncing": "yellow",
+    "live": "green",
+    "reconnecting": "red",
+    "stopped": "dim",
+}
+
+
+async def watch(url: str, collections: list[str] | None, as_json: bool) -> int:
+    """Sync, then show every change; reconnect and resume by itself, saying so."""
+    out = Console(highlight=False, soft_wrap=False)
+    err = Console(stderr=True, highlight=False)
+    as_json = as_json or not out.is_terminal
+    stdout = sys.stdout.buffer
+    done = asyncio.Event()  # set when standard output is gone (``watch | head``)
+
+    def on_status(status: Status, detail: str) -> None:
+        style = _STATUS_STYLE.get(status, "")
+        err.print(f"[{style}]● {status}[/] {escape(detail)}")
+
+    def on_change(change: ChangeFrame) -> None:
+        if done.is_set():
+            return
+        if as_json:
+            try:
+                stdout.write(encode(change))  # §4.2, as the server sent it
+                stdout.flush()
+            except BrokenPipeError:
+                done.set()
+            return
+        stamp = time.strftime("%H:%M:%S")
+        head = f"[dim]{stamp}[/] [dim]#{change.seq}[/] [cyan]{escape(change.collection)}[/] "
+        head += f"[bold]{escape(change.key)}[/] "
+        if change.deleted:
+            out.print(head + "[red]deleted[/]")
+            return
+        body = _encode(change.value).decode()
+        room = max(20, out.width - len(change.collection) - len(change.key) - 24)
+        if len(body) > room:
+            body = body[: room - 1] + "…"
+        out.print(head + escape(body))
+
+    def on_resync(event: Resynced) -> None:
+        err.print(f"[yellow]● resynced[/] at seq {event.seq} (epoch {event.epoch})")
+
+    replica = Replica(
+        url,
+        collections=collections,
+        on_change=on_change,
+        on_status=on_status,
+        on_resync=on_resync,
+    )
+    # Fail fast (exit 1) if the server cannot be reached at all at first; later
+    # failures are the replica's to ride out.
+    probe = Client(url)
+    await probe.connect()
+    await probe.close()
+    async with replica:
+        await replica.wait_synced()
+        if not as_json:
+            counts = ", ".join(
+                f"{name} {len(replica[name]):,}" for name in replica.collection_names()
+            )
+            err.print(f"[green]● live[/] at seq {replica.seq}: {counts or 'no records'}")
+        await done.wait()  # until Ctrl-C, or until nobody reads our output
+    with contextlib.suppress(OSError):
+        sys.stdout.close()
+    return 0
+
+
+# -- publish ------------------------------------------------------------------------
+async def publish_one(url: str, change: Change) -> int:
+    async with Client(url) as client:
+        seq = await client.publish([change])
+    print(seq)
+    return 0
+
+
+async def publish_many(url: str, lines: IO[bytes], batch: int, window: int = 8) -> int:
+    """Publish NDJSON changes from ``lines`` in batches, ``window`` in flight."""
+    decoder = msgspec.json.Decoder(dict[str, Any])
+    err = Console(stderr=True, highlight=False)
+    total = 0
+    last = 0
+    async with Client(url) as client:
+        inflight: list[asyncio.Task[int]] = []
+
+        async def settle(keep: int) -> None:
+            nonlocal last
+            while len(inflight) > keep:
+                last = max(last, await inflight.pop(0))
+
+        changes: list[dict[str, Any]] = []
+        for n, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                changes.append(decoder.decode(raw))
+            except msgspec.MsgspecError as exc:
+                raise StatecastError(f"line {n}: not a JSON object: {exc}") from None
+            if len(changes) >= batch:
+                inflight.append(asyncio.ensure_future(client.publish(changes)))
+                total += len(changes)
+                changes = []
+                await settle(window)
+        if changes:
+            inflight.append(asyncio.ensure_future(client.publish(changes)))
+            total += len(changes)
+        await settle(0)
+    print(last)
+    err.print(f"published {total:,} changes, last seq {last}")
+    return 0
+
+
+# -- stats --------------------------------------------------------------------------
+async def stats(url: str, interval: float, as_json: bool) -> int:
+    """The server's counters, and rates measured over ``interval`` seconds."""
+    async with Client(url) as client:
+        first = await client.stats()
+        t0 = time.monotonic()
+        await asyncio.sleep(interval)
+        second = await client.stats()
+        dt = time.monotonic() - t0
+    rates = {
+        "changes_per_second": (second.changes_published - first.changes_published) / dt,
+        "deliveries_per_second": (second.deliveries - first.deliveries) / dt,
+    }
+    data = {k: v for k, v in msgspec.structs.asdict(second).items() if k != "id"} | rates
+    if as_json or not sys.stdout.isatty():
+        sys.stdout.buffer.write(_encode(data) + b"\n")
+        return 0
+    table = Table(title=f"statecast at {url}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for key, value in data.items():
+        shown = (
+            f"{value:,.1f}"
+            if isinstance(value, float)
+            else (f"{value:,}" if isinstance(value, int) else str(value))
+        )
+        table.add_row(key.replace("_", " "), shown)
+    Console().print(table)
+    return 0

@@ -1,0 +1,1 @@
+"""The protocol and state core: pure, no I/O (docs/architecture.md)."""

@@ -1,0 +1,228 @@
+"""Every frame the server sends (docs/protocol.md §2, §3, §4, §6, §8), defined once.
+
+Each frame is a msgspec Struct tagged by ``type``. The server encodes with them and
+the client decodes with them, so the two sides cannot drift apart. Field order is
+wire order; fields that are optional on the wire (``id``, ``count``) have a default
+and are left out when they hold it (``omit_defaults``).
+
+Three frames are built on the hot path from one format constant each instead
+(:data:`RECORD_LINE`, :data:`DELETE_LINE`, :data:`HEARTBEAT_LINE`): they are the
+same bytes as encoding the Struct (``tests/core/test_frames.py`` checks it), but
+formatting bytes that were encoded once costs a fraction of building an object per
+change and subscriber.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, TypeAlias, cast
+
+import msgspec
+
+from statecast.errors import ProtocolError, error_from_code
+
+__all__ = [
+    "CHANGE_PREFIX",
+    "DELETE_LINE",
+    "HEARTBEAT_LINE",
+    "PROTOCOL_VERSION",
+    "RECORD_LINE",
+    "RECORD_PREFIX",
+    "Ack",
+    "Bye",
+    "ChangeFrame",
+    "ErrorFrame",
+    "Frame",
+    "Heartbeat",
+    "Hello",
+    "Pong",
+    "Record",
+    "RequestId",
+    "SnapshotBegin",
+    "SnapshotEnd",
+    "Stats",
+    "Subscribed",
+    "change_line_from_record_line",
+    "decode_frame",
+    "delete_line",
+    "encode",
+    "encode_error",
+    "encode_heartbeat",
+]
+
+PROTOCOL_VERSION: Final = 1
+
+RequestId: TypeAlias = int | str | None
+
+
+class Hello(msgspec.Struct, tag_field="type", tag="hello"):
+    """§2: the first frame on every connection."""
+
+    server: str
+    version: str
+    protocol: int
+    epoch: str
+    seq: int
+
+
+class SnapshotBegin(msgspec.Struct, tag_field="type", tag="snapshot_begin", omit_defaults=True):
+    """§3.1: a snapshot at ``seq`` starts; ``count`` records follow."""
+
+    seq: int
+    epoch: str
+    count: int | None = None
+    id: RequestId = None
+
+
+class Record(msgspec.Struct, tag_field="type", tag="record"):
+    """§4.1: one record of a snapshot (built with :data:`RECORD_LINE` by the server)."""
+
+    seq: int
+    collection: str
+    key: str
+    value: Any = None
+
+
+class SnapshotEnd(msgspec.Struct, tag_field="type", tag="snapshot_end", omit_defaults=True):
+    """§3.1: the snapshot is complete."""
+
+    seq: int
+    count: int
+    id: RequestId = None
+
+
+class Subscribed(msgspec.Struct, tag_field="type", tag="subscribed", omit_defaults=True):
+    """§3.2: changes after ``seq`` follow."""
+
+    seq: int
+    epoch: str
+    id: RequestId = None
+
+
+class ChangeFrame(msgspec.Struct, tag_field="type", tag="change", omit_defaults=True):
+    """§4.2: one change (built from the stored record line by the server)."""
+
+    seq: int
+    collection: str
+    key: str
+    value: Any = msgspec.UNSET  # absent (UNSET) on a delete
+    deleted: bool = False
+
+
+class Heartbeat(msgspec.Struct, tag_field="type", tag="heartbeat"):
+    """§4.3: every change up to ``seq`` has been sent."""
+
+    seq: int
+
+
+class Ack(msgspec.Struct, tag_field="type", tag="ack", omit_defaults=True):
+    """§3.3: a publish is applied; ``seq`` is its last change's."""
+
+    seq: int
+    id: RequestId = None
+
+
+class Pong(msgspec.Struct, tag_field="type", tag="pong", omit_defaults=True):
+    """§3.4: the answer to ``ping``, with the current seq."""
+
+    seq: int
+    id: RequestId = None
+
+
+class Stats(msgspec.Struct, tag_field="type", tag="stats", omit_defaults=True):
+    """§3.5: the server's counters."""
+
+    seq: int
+    epoch: str
+    connections: int
+    connections_accepted: int
+    subscribers: int
+    records: int
+    open_snapshots: int
+    changes_published: int
+    deliveries: int
+    slow_consumer_disconnects: int
+    publishes_failed: int
+    retained_changes: int
+    store: str
+    uptime: float
+    id: RequestId = None
+
+
+class ErrorFrame(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True):
+    """§6: a request failed (with its ``id``), or the connection is about to close."""
+
+    code: str
+    message: str
+    id: RequestId = None
+
+    def exception(self) -> ProtocolError:
+        return error_from_code(self.code, self.message, request_id=self.id)
+
+
+class Bye(msgspec.Struct, tag_field="type", tag="bye"):
+    """§8: the server is shutting down and closes the connection."""
+
+    reason: str
+
+
+Frame: TypeAlias = (
+    Hello
+    | SnapshotBegin
+    | Record
+    | SnapshotEnd
+    | Subscribed
+    | ChangeFrame
+    | Heartbeat
+    | Ack
+    | Pong
+    | Stats
+    | ErrorFrame
+    | Bye
+)
+
+_encode = msgspec.json.encode
+_decoder = msgspec.json.Decoder(Frame)
+
+
+def encode(frame: Frame) -> bytes:
+    """One frame, as the line the server writes."""
+    return _encode(frame) + b"\n"
+
+
+def decode_frame(line: bytes) -> Frame:
+    """Decode one frame line (client side). Raises ``msgspec.ValidationError`` for a
+    frame type or field this side does not know, ``msgspec.DecodeError`` for a line
+    that is not JSON."""
+    return cast(Frame, _decoder.decode(line))
+
+
+def encode_error(error: ProtocolError) -> bytes:
+    return encode(ErrorFrame(error.code, error.message, error.request_id))
+
+
+# -- the hot path -----------------------------------------------------------------
+# §4.1 record, with seq, collection (bytes, a valid name needs no escaping), and the
+# key and value as JSON. "seq" comes right after "type" so that the §4.2 change frame
+# of an upsert is the stored record line with another prefix.
+RECORD_LINE: Final = b'{"type":"record","seq":%d,"collection":"%s","key":%s,"value":%s}\n'
+# §4.2 change frame of a delete.
+DELETE_LINE: Final = b'{"type":"change","seq":%d,"collection":"%s","key":%s,"deleted":true}\n'
+# §4.3.
+HEARTBEAT_LINE: Final = b'{"type":"heartbeat","seq":%d}\n'
+RECORD_PREFIX: Final = b'{"type":"record"'
+CHANGE_PREFIX: Final = b'{"type":"change"'
+_PREFIX_LEN: Final = len(RECORD_PREFIX)
+
+
+def delete_line(seq: int, collection: str, key_json: bytes) -> bytes:
+    """§4.2 ``change`` frame of a delete."""
+    return DELETE_LINE % (seq, collection.encode(), key_json)
+
+
+def change_line_from_record_line(line: bytes) -> bytes:
+    """§4.2 ``change`` frame of an upsert, from the §4.1 ``record`` frame that holds it."""
+    return CHANGE_PREFIX + line[_PREFIX_LEN:]
+
+
+def encode_heartbeat(seq: int) -> bytes:
+    return HEARTBEAT_LINE % seq

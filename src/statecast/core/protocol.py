@@ -1,0 +1,286 @@
+"""Wire protocol v1, the client's side of it: requests and changes, with no I/O.
+
+Requests are parsed and validated here (§3), and changes are validated and encoded
+once, by whoever submits them (§3.3, §9). The frames the server answers with are
+defined in ``frames.py``. Section numbers (§) refer to ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, TypeAlias
+
+import msgspec
+
+from statecast.core.frames import PROTOCOL_VERSION, RequestId
+from statecast.errors import BadRequest
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Change",
+    "PingRequest",
+    "PreparedChange",
+    "PublishRequest",
+    "Request",
+    "RequestId",
+    "StatsRequest",
+    "SubscribeRequest",
+    "SyncRequest",
+    "parse_publish_body",
+    "parse_request",
+    "prepare_change",
+    "prepare_changes",
+    "validate_collections",
+]
+
+# §9: limits of the state model.
+COLLECTION_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+MAX_KEY_LENGTH: Final = 1024
+
+
+# ---------------------------------------------------------------------------
+# Requests (§3). msgspec validates types in C; fields we don't know are ignored,
+# so clients may add fields freely.
+
+
+class ChangeIn(msgspec.Struct, forbid_unknown_fields=False):
+    collection: str
+    key: str
+    # The raw JSON text of the value is kept as it came: it is valid JSON (the whole
+    # line was parsed) and is forwarded without being decoded and encoded again.
+    value: msgspec.Raw = msgspec.Raw()
+    delete: bool = False
+
+
+class SyncRequest(msgspec.Struct, tag_field="op", tag="sync"):
+    """§3.1 ``sync``: a snapshot, optionally followed by live changes."""
+
+    id: RequestId = None
+    collections: list[str] | None = None
+    live: bool = False
+
+
+class SubscribeRequest(msgspec.Struct, tag_field="op", tag="subscribe"):
+    """§3.2 ``subscribe``: live changes after ``from`` (default: now)."""
+
+    id: RequestId = None
+    collections: list[str] | None = None
+    from_: int | None = msgspec.field(default=None, name="from")
+    epoch: str | None = None
+
+
+class PublishRequest(msgspec.Struct, tag_field="op", tag="publish"):
+    """§3.3 ``publish``: one atomic batch of changes."""
+
+    changes: list[ChangeIn]
+    id: RequestId = None
+
+
+class PingRequest(msgspec.Struct, tag_field="op", tag="ping"):
+    """§3.4 ``ping``."""
+
+    id: RequestId = None
+
+
+class StatsRequest(msgspec.Struct, tag_field="op", tag="stats"):
+    """§3.5 ``stats``."""
+
+    id: RequestId = None
+
+
+Request: TypeAlias = SyncRequest | SubscribeRequest | PublishRequest | PingRequest | StatsRequest
+
+_request_decoder = msgspec.json.Decoder(Request)
+_any_decoder = msgspec.json.Decoder()
+
+# §3.6: words understood on lines that are not JSON, for people typing into nc.
+_WORDS: Final[dict[bytes, Request]] = {
+    b"sync": SyncRequest(),
+    b"watch": SyncRequest(live=True),
+    b"subscribe": SubscribeRequest(),
+    b"ping": PingRequest(),
+    b"stats": StatsRequest(),
+}
+
+
+def _id_of(line: bytes) -> RequestId:
+    """Best effort: the ``id`` of a request that failed validation, to echo it back."""
+    try:
+        obj = _any_decoder.decode(line)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(obj, dict):
+        rid = obj.get("id")
+        if isinstance(rid, int | str) and not isinstance(rid, bool):
+            return rid
+    return None
+
+
+def parse_request(line: bytes) -> Request:
+    """Parse one request line (without its ``\\n``). Raises :class:`BadRequest`."""
+    stripped = line.strip()
+    if not stripped.startswith(b"{"):
+        word = stripped.split(None, 1)[0].lower() if stripped else b""
+        template = _WORDS.get(word)
+        if template is None:
+            shown = word[:40].decode("utf-8", "replace")
+            raise BadRequest(
+                f"unknown command {shown!r}: send a JSON request, or one of "
+                "sync, watch, subscribe, ping, stats"
+            )
+        # The table holds immutable defaults; hand out a copy.
+        return msgspec.structs.replace(template)
+    try:
+        request: Request = _request_decoder.decode(stripped)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid request: {exc}", request_id=_id_of(stripped)) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    rid = request.id
+    if isinstance(request, SyncRequest | SubscribeRequest) and request.collections is not None:
+        validate_collections(request.collections, rid)
+    if isinstance(request, SubscribeRequest) and request.from_ is not None and request.from_ < 0:
+        raise BadRequest("'from' must be a seq >= 0", request_id=rid)
+    return request
+
+
+class PublishBody(msgspec.Struct):
+    """The body of ``POST /v1/publish``: a publish request, ``op`` optional."""
+
+    changes: list[ChangeIn]
+    id: RequestId = None
+    op: str = "publish"
+
+
+_publish_body_decoder = msgspec.json.Decoder(PublishBody)
+
+
+def parse_publish_body(body: bytes) -> PublishRequest:
+    try:
+        req = _publish_body_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid publish body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if req.op != "publish":
+        raise BadRequest(f"'op' must be 'publish' here, not {req.op!r}")
+    return PublishRequest(changes=req.changes, id=req.id)
+
+
+def validate_collections(names: Iterable[str], rid: RequestId = None) -> frozenset[str]:
+    out = frozenset(names)
+    if not out:
+        raise BadRequest("'collections' must not be empty (leave it out for all)", request_id=rid)
+    for name in out:
+        if not COLLECTION_RE.fullmatch(name):
+            raise BadRequest(f"invalid collection name {name[:140]!r}", request_id=rid)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Changes (§3.3, §9). A change is validated and its key and value encoded once,
+# by whoever submits it (a connection, or a producer thread), never on fan-out.
+
+# (collection, key, key as JSON, value as JSON or None for a delete)
+PreparedChange: TypeAlias = tuple[str, str, bytes, bytes | None]
+
+_encode = msgspec.json.encode
+
+
+class Change(msgspec.Struct, frozen=True):
+    """A change for the embedding API: ``Change("orders", "O-1", {...})`` upserts,
+    ``Change("orders", "O-1", delete=True)`` deletes."""
+
+    collection: str
+    key: str
+    value: Any = None
+    delete: bool = False
+
+
+def _check_target(collection: object, key: object, where: str) -> None:
+    if not isinstance(collection, str) or not COLLECTION_RE.fullmatch(collection):
+        raise BadRequest(
+            f"{where}: invalid collection name {str(collection)[:140]!r} "
+            "(1 to 128 of A-Z a-z 0-9 _ . -)"
+        )
+    if not isinstance(key, str) or not key:
+        raise BadRequest(f"{where}: the key must be a non-empty string")
+    if len(key) > MAX_KEY_LENGTH:
+        raise BadRequest(f"{where}: the key is longer than {MAX_KEY_LENGTH} characters")
+
+
+# Collection names seen valid before: most batches write a few collections, so the
+# regular expression runs once per name, not once per change.
+_known_collections: set[str] = set()
+
+
+def _check_publish_target(request: PublishRequest, rid: RequestId) -> None:
+    """Raise BadRequest for the first change of ``request`` with an invalid target."""
+    for i, c in enumerate(request.changes):
+        try:
+            _check_target(c.collection, c.key, f"changes[{i}]")
+        except BadRequest as exc:
+            exc.request_id = rid
+            raise
+
+
+def prepare_change(change: Change | Mapping[str, Any], where: str = "change") -> PreparedChange:
+    """Validate and encode one change from the embedding API."""
+    collection: object
+    key: object
+    if isinstance(change, Change):
+        collection, key, value, delete = change.collection, change.key, change.value, change.delete
+    elif isinstance(change, Mapping):
+        collection, key = change.get("collection"), change.get("key")
+        delete = bool(change.get("delete", False))
+        if not delete and "value" not in change:
+            raise BadRequest(f"{where}: needs a 'value', or 'delete': true")
+        value = change.get("value")
+    else:
+        raise BadRequest(f"{where}: expected a statecast.Change or a mapping")
+    _check_target(collection, key, where)
+    assert isinstance(collection, str)
+    assert isinstance(key, str)
+    if delete:
+        return (collection, key, _encode(key), None)
+    try:
+        value_json = _encode(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadRequest(f"{where}: value is not JSON-serialisable: {exc}") from None
+    return (collection, key, _encode(key), value_json)
+
+
+def prepare_changes(
+    changes: Iterable[Change | Mapping[str, Any]] | Change | Mapping[str, Any] | PublishRequest,
+) -> list[PreparedChange]:
+    """Validate a whole batch; any invalid change rejects all of it (§3.3)."""
+    if isinstance(changes, PublishRequest):
+        # The hot path of ingest: msgspec has checked the types already.
+        rid = changes.id
+        out: list[PreparedChange] = []
+        append = out.append
+        known = _known_collections
+        for c in changes.changes:
+            collection, key = c.collection, c.key
+            if collection not in known or not key or len(key) > MAX_KEY_LENGTH:
+                _check_publish_target(changes, rid)  # raises, naming the change
+                if len(known) < 4096:
+                    known.add(collection)
+            if c.delete:
+                append((collection, key, _encode(key), None))
+            else:
+                raw = bytes(c.value)
+                if not raw:
+                    where = f"changes[{changes.changes.index(c)}]"
+                    raise BadRequest(f"{where}: needs a 'value', or 'delete': true", request_id=rid)
+                append((collection, key, _encode(key), raw))
+        if not out:
+            raise BadRequest("'changes' must not be empty", request_id=rid)
+        return out
+    if isinstance(changes, Change | Mapping):  # one change on its own
+        changes = [changes]
+    out = [prepare_change(c, f"changes[{i}]") for i, c in enumerate(changes)]
+    if not out:
+        raise BadRequest("a publish needs at least one change")
+    return out

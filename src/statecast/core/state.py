@@ -1,0 +1,352 @@
+"""The state: collections of records, and consistent snapshots of it. No I/O.
+
+Snapshots stream while producers keep publishing, so a snapshot must see the state
+exactly as it was at its seq S (docs/protocol.md §5.1) without copying it. This is
+done with three rules that hold only while at least one snapshot is open:
+
+* Each collection keeps its records in a list (``slots``) with a ``key -> position``
+  index. A snapshot walks positions ``0 .. len(slots)`` as they were when it opened;
+  keys inserted later are appended past that end, and every one of them has a seq
+  greater than S.
+* A record that is replaced keeps the record it replaced in ``prev`` (a version
+  chain), so a snapshot that meets a record newer than S walks back to the newest
+  version <= S. On every write the chain is trimmed to the versions an open snapshot
+  still needs: at most one per open snapshot.
+* A delete leaves a tombstone in its slot instead of removing the slot, so positions
+  never move.
+
+When the last snapshot closes, chains are dropped and tombstone slots removed. With no
+snapshot open, a delete removes its slot at once (swap with the last slot, O(1)).
+A snapshot's own memory is a cursor: a position and a few references.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from operator import attrgetter
+
+import msgspec
+
+from statecast.core.frames import RECORD_LINE, change_line_from_record_line, delete_line
+from statecast.core.protocol import PreparedChange
+
+__all__ = ["Collection", "Record", "Snapshot", "State", "encode_batch"]
+
+# How many slots a snapshot reads between checks of its byte budget.
+_SLICE = 128
+
+
+class Record(msgspec.Struct, gc=False):
+    """One version of one key: the change that wrote it, encoded once.
+
+    ``line`` is the §4.1 ``record`` frame of an upsert, or the §4.2 ``change`` frame
+    of a delete (``deleted`` is then true). The same object serves the snapshot, the
+    change log and the fan-out.
+
+    A msgspec Struct rather than a class: it is created several times faster, and with
+    ``gc=False`` the cyclic garbage collector never scans the millions of records a
+    state holds (records only point to older records, so they never form a cycle).
+    """
+
+    seq: int
+    collection: str
+    key: str
+    line: bytes
+    deleted: bool
+    prev: Record | None = None
+
+    def change_line(self) -> bytes:
+        """The §4.2 ``change`` frame of this change."""
+        return self.line if self.deleted else change_line_from_record_line(self.line)
+
+    def __repr__(self) -> str:
+        kind = "delete" if self.deleted else "upsert"
+        return f"<Record {kind} seq={self.seq} {self.collection}/{self.key}>"
+
+
+def encode_batch(batch: Sequence[PreparedChange], first_seq: int) -> list[Record]:
+    """Give a validated batch consecutive seqs from ``first_seq`` and encode each
+    change's frame, once. Pure: any thread may call it (a store's writer does)."""
+    out: list[Record] = []
+    append = out.append
+    seq = first_seq - 1
+    names: dict[str, bytes] = {}
+    for name, key, key_json, value_json in batch:
+        seq += 1
+        if value_json is not None:
+            name_b = names.get(name)
+            if name_b is None:
+                name_b = names[name] = name.encode()
+            line = RECORD_LINE % (seq, name_b, key_json, value_json)  # §4.1
+            append(Record(seq, name, key, line, False))
+        else:
+            append(Record(seq, name, key, delete_line(seq, name, key_json), True))
+    return out
+
+
+class Collection:
+    __slots__ = ("index", "live", "name", "slots", "tombstones")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.index: dict[str, int] = {}
+        self.slots: list[Record] = []
+        self.live = 0  # records that are not tombstones
+        self.tombstones: list[str] = []  # keys whose slot holds a tombstone
+
+    def __len__(self) -> int:
+        return self.live
+
+    def get(self, key: str) -> Record | None:
+        pos = self.index.get(key)
+        if pos is None:
+            return None
+        rec = self.slots[pos]
+        return None if rec.deleted else rec
+
+    def records(self) -> Iterator[Record]:
+        """The current records (not a snapshot: don't publish while iterating)."""
+        return (r for r in self.slots if not r.deleted)
+
+    def _swap_remove(self, key: str) -> None:
+        pos = self.index.pop(key)
+        last = self.slots.pop()
+        if pos < len(self.slots):
+            self.slots[pos] = last
+            self.index[last.key] = pos
+
+
+class State:
+    """All collections, the seq of the last applied change, and open snapshots."""
+
+    def __init__(self, seq: int = 0) -> None:
+        self.seq = seq
+        self.collections: dict[str, Collection] = {}
+        self._open: dict[Snapshot, int] = {}  # open snapshots and their seqs
+        self._open_seqs: list[int] = []  # their distinct seqs, newest first
+        self._dirty: list[Record] = []  # records whose prev is set
+        self._dirty_limit = 1 << 16
+
+    # -- reading -------------------------------------------------------------
+    def get(self, collection: str, key: str) -> Record | None:
+        coll = self.collections.get(collection)
+        return None if coll is None else coll.get(key)
+
+    def __len__(self) -> int:
+        return sum(c.live for c in self.collections.values())
+
+    @property
+    def open_snapshots(self) -> int:
+        return len(self._open)
+
+    # -- writing -------------------------------------------------------------
+    def apply(self, batch: Sequence[PreparedChange]) -> list[Record]:
+        """Encode and install one batch: its changes get the next consecutive seqs."""
+        records = encode_batch(batch, self.seq + 1)
+        self.install(records)
+        return records
+
+    def install(self, records: Sequence[Record]) -> None:
+        """Make a batch of encoded records (from :func:`encode_batch`) the current
+        state, atomically: no snapshot can see part of it."""
+        if records and records[0].seq != self.seq + 1:
+            raise ValueError(f"batch starts at seq {records[0].seq}, state is at {self.seq}")
+        protect = bool(self._open)
+        collections = self.collections
+        coll: Collection | None = None
+        for rec in records:
+            name = rec.collection
+            if coll is None or coll.name != name:
+                coll = collections.get(name)
+                if coll is None:
+                    coll = collections[name] = Collection(name)
+            key = rec.key
+            pos = coll.index.get(key)
+            if not rec.deleted:
+                if pos is None:
+                    coll.index[key] = len(coll.slots)
+                    coll.slots.append(rec)
+                    coll.live += 1
+                else:
+                    old = coll.slots[pos]
+                    if old.deleted:
+                        coll.live += 1
+                    if protect:
+                        self._chain(rec, old)
+                    coll.slots[pos] = rec
+            elif pos is not None:
+                old = coll.slots[pos]
+                if not old.deleted:
+                    coll.live -= 1
+                if protect:
+                    self._chain(rec, old)
+                    coll.slots[pos] = rec
+                    coll.tombstones.append(key)
+                else:
+                    coll._swap_remove(key)
+        if records:
+            self.seq = records[-1].seq
+
+    def load(self, records: Iterable[Record], seq: int) -> None:
+        """Fill an empty state with records (a store recovering), at ``seq``.
+
+        Records of one collection should come together (a store reads them in key
+        order): each run of them is added in bulk.
+        """
+        if self._open or self.collections or self.seq:
+            raise RuntimeError("load() needs an empty state with no open snapshot")
+        collections = self.collections
+        for name, group in itertools.groupby(records, key=attrgetter("collection")):
+            coll = collections.get(name)
+            if coll is None:
+                coll = collections[name] = Collection(name)
+            base = len(coll.slots)
+            recs = list(group)
+            coll.slots.extend(recs)
+            coll.index.update({r.key: base + i for i, r in enumerate(recs)})
+            coll.live += len(recs)
+        self.seq = seq
+
+    def _chain(self, new: Record, old: Record) -> None:
+        """Keep ``old`` reachable from ``new`` for the open snapshots that need it."""
+        new.prev = old
+        self._trim(new)
+        self._dirty.append(new)
+        if len(self._dirty) > self._dirty_limit:
+            self._prune()
+
+    def _trim(self, head: Record) -> None:
+        """Unlink the versions behind ``head`` that no open snapshot needs.
+
+        A snapshot at S needs the newest version <= S, and only that one.
+        """
+        seqs = self._open_seqs
+        n = len(seqs)
+        i = 0
+        while i < n and seqs[i] >= head.seq:  # snapshots that head serves itself
+            i += 1
+        tail = head
+        v = head.prev
+        while v is not None and i < n:
+            if v.seq <= seqs[i]:
+                tail.prev = v
+                tail = v
+                while i < n and seqs[i] >= v.seq:
+                    i += 1
+            v = v.prev
+        tail.prev = None
+
+    def _prune(self) -> None:
+        """Trim every chain; forget records that no longer chain."""
+        keep: list[Record] = []
+        for rec in self._dirty:
+            self._trim(rec)
+            if rec.prev is not None:
+                keep.append(rec)
+        self._dirty = keep
+        self._dirty_limit = max(1 << 16, 2 * len(keep))
+
+    # -- snapshots -----------------------------------------------------------
+    def snapshot(self, collections: frozenset[str] | None = None) -> Snapshot:
+        """Open a snapshot of the state as it is now (at ``self.seq``).
+
+        It must be closed (``Snapshot.close``) when no longer read, or the state
+        keeps old versions for it.
+        """
+        if collections is None:
+            colls = list(self.collections.values())
+        else:
+            colls = [c for name, c in self.collections.items() if name in collections]
+        snap = Snapshot(self, self.seq, colls)
+        self._open[snap] = self.seq
+        if not self._open_seqs or self._open_seqs[0] != self.seq:
+            self._open_seqs.insert(0, self.seq)
+        return snap
+
+    def _release(self, snap: Snapshot) -> None:
+        if self._open.pop(snap, None) is None:
+            return
+        if self._open:
+            self._open_seqs = sorted(set(self._open.values()), reverse=True)
+            return
+        self._open_seqs = []
+        # The last snapshot closed: drop version chains and tombstone slots.
+        for rec in self._dirty:
+            rec.prev = None
+        self._dirty = []
+        self._dirty_limit = 1 << 16
+        for coll in self.collections.values():
+            if coll.tombstones:
+                for key in coll.tombstones:
+                    pos = coll.index.get(key)
+                    if pos is not None and coll.slots[pos].deleted:
+                        coll._swap_remove(key)
+                coll.tombstones = []
+
+
+class Snapshot:
+    """A cursor over the state as it was at ``seq``; read it in chunks with ``read``."""
+
+    __slots__ = ("_colls", "_ends", "_i", "_pos", "_state", "count", "seq", "total")
+
+    def __init__(self, state: State, seq: int, colls: list[Collection]) -> None:
+        self._state: State | None = state
+        self.seq = seq
+        self._colls = colls
+        self._ends = [len(c.slots) for c in colls]
+        self.total = sum(c.live for c in colls)  # records it will return in all
+        self._i = 0
+        self._pos = 0
+        self.count = 0  # records returned so far
+
+    @property
+    def done(self) -> bool:
+        return self._state is None
+
+    def read(self, max_bytes: int) -> list[bytes]:
+        """The next record frames, about ``max_bytes`` of them (at least one record
+        when any is left). The snapshot closes itself after the last one."""
+        lines: list[bytes] = []
+        if self._state is None:
+            return lines
+        size = 0
+        seq = self.seq
+        append = lines.append
+        colls, ends = self._colls, self._ends
+        while self._i < len(colls):
+            slots = colls[self._i].slots
+            end = ends[self._i]
+            pos = self._pos
+            while pos < end and size < max_bytes:
+                stop = min(end, pos + _SLICE)
+                for current in slots[pos:stop]:
+                    rec = current
+                    if rec.seq > seq:  # written after S: find the version at S
+                        older = rec.prev
+                        while older is not None and older.seq > seq:
+                            older = older.prev
+                        if older is None:
+                            continue
+                        rec = older
+                    if rec.deleted:
+                        continue
+                    line = rec.line
+                    append(line)
+                    size += len(line)
+                pos = stop
+            self._pos = pos
+            if pos >= end:
+                self._i += 1
+                self._pos = 0
+            if size >= max_bytes:
+                break
+        self.count += len(lines)
+        if self._i >= len(colls):
+            self.close()
+        return lines
+
+    def close(self) -> None:
+        state, self._state = self._state, None
+        if state is not None:
+            state._release(self)

@@ -1,0 +1,51 @@
+"""The store interface: where the state, the change log and the epoch live (§2).
+
+A store owns a :class:`~statecast.core.state.State` and a
+:class:`~statecast.core.changelog.ChangeLog` in memory, which serve every read, and decides
+when a published batch becomes part of them: at once for the memory store, once it is
+committed to disk for the SQLite store. Every store implements :class:`Store`;
+``statecast.stores`` holds the implementations and picks one from a config.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from statecast.core.changelog import ChangeLog
+from statecast.core.protocol import PreparedChange
+from statecast.core.state import Record, State
+from statecast.errors import ProtocolError
+
+__all__ = ["Committed", "Store", "ToLoop", "new_epoch"]
+
+# Called on the loop thread, in publish order, once a batch is committed (records,
+# None) or has failed (None, error).
+Committed = Callable[[list[Record] | None, ProtocolError | None], None]
+# Runs a callable on the loop thread, from any thread (loop.call_soon_threadsafe).
+ToLoop = Callable[[Callable[[], None]], object]
+
+
+def new_epoch() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class Store(Protocol):
+    state: State
+    log: ChangeLog
+    epoch: str
+    description: str  # for people: "memory", "sqlite:/var/lib/statecast/statecast.db"
+
+    def open(self, to_loop: ToLoop) -> None:
+        """Load what the store holds. Called once, in a worker thread, before serving."""
+
+    def submit(self, batch: Sequence[PreparedChange], done: Committed) -> None:
+        """Commit one validated batch (loop thread). ``done`` is called on the loop
+        thread, in submission order; the caller then installs the records."""
+
+    def flush(self, done: Callable[[], None]) -> None:
+        """Call ``done`` on the loop thread once every batch submitted so far is done."""
+
+    def close(self) -> None:
+        """Finish pending work and release the store (from any thread but the loop's)."""

@@ -1,0 +1,1 @@
+"""Sources: external systems whose changes statecast follows (docs/postgres.md)."""

@@ -1,0 +1,162 @@
+"""The HTTP port (aiohttp): WebSocket, snapshot and publish endpoints, metrics,
+health, and the dashboard (docs/http.md).
+
+It runs on the server's event loop and goes through the same engine as the TCP
+transport: one state, one change log, one fan-out.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from statecast.core.frames import Ack, ErrorFrame, SnapshotEnd, encode
+from statecast.core.protocol import parse_publish_body, prepare_changes, validate_collections
+from statecast.errors import ProtocolError, TooLarge, Unavailable
+from statecast.metrics import Metrics
+from statecast.transports.base import Host
+from statecast.transports.output import STREAM_STEP
+from statecast.transports.websocket import WsConnection
+
+__all__ = ["make_app"]
+
+log = logging.getLogger("statecast.transports.http")
+_WEB = importlib.resources.files("statecast") / "web"
+_STATIC = {
+    "index.html": "text/html",
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+}
+
+
+def error_response(exc: ProtocolError) -> web.Response:
+    """§6 error frame as the body, with the error class's HTTP status."""
+    return web.Response(
+        body=msgspec.json.encode(ErrorFrame(exc.code, exc.message)),
+        status=exc.status,
+        content_type="application/json",
+    )
+
+
+class _Handlers:
+    """The endpoints of docs/http.md, each a method (see :func:`make_app`)."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.metrics = Metrics(host)
+
+    def require_ready(self) -> None:
+        if not self.host.ready:
+            raise Unavailable("the server is not ready (loading its store, or stopping)")
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        """§10: protocol v1 over a WebSocket."""
+        try:
+            self.require_ready()
+        except ProtocolError as exc:
+            return error_response(exc)
+        ws = web.WebSocketResponse(max_msg_size=self.host.config.max_line, heartbeat=None)
+        await ws.prepare(request)
+        await WsConnection(self.host, request, ws).run()
+        return ws
+
+    async def snapshot(self, request: web.Request) -> web.StreamResponse:
+        """The snapshot as streamed NDJSON: record lines, then snapshot_end (§3.1)."""
+        try:
+            self.require_ready()
+            names = request.query.get("collections")
+            selection = (
+                None
+                if names is None
+                else validate_collections(n.strip() for n in names.split(",") if n.strip())
+            )
+        except ProtocolError as exc:
+            return error_response(exc)
+        engine = self.host.engine
+        snap = engine.snapshot(selection)
+        try:
+            resp = web.StreamResponse(
+                headers={
+                    "Content-Type": "application/x-ndjson",
+                    "X-Statecast-Seq": str(snap.seq),
+                    "X-Statecast-Epoch": engine.epoch,
+                    "X-Statecast-Count": str(snap.total),
+                }
+            )
+            await resp.prepare(request)
+            while not snap.done:
+                lines = snap.read(STREAM_STEP)
+                if lines:
+                    await resp.write(b"".join(lines))  # waits while the client is slow
+            await resp.write(encode(SnapshotEnd(snap.seq, snap.count)))
+            await resp.write_eof()
+        finally:
+            snap.close()  # also when the client went away mid-way
+        return resp
+
+    async def publish(self, request: web.Request) -> web.Response:
+        """POST the body of a publish request; the answer is its ack (§3.3)."""
+        try:
+            self.require_ready()
+            body = await request.read()
+            batch = prepare_changes(parse_publish_body(body))
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(
+                TooLarge(f"request body longer than {self.host.config.max_line} bytes")
+            )
+        except ProtocolError as exc:
+            return error_response(exc)
+        result = await self.host.apublish_prepared(batch)
+        if isinstance(result, ProtocolError):
+            return error_response(result)
+        return web.Response(body=msgspec.json.encode(Ack(result)), content_type="application/json")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        host = self.host
+        if host.ready:
+            return web.json_response({"status": "ready", "seq": host.engine.seq})
+        why = "stopping" if host.stopping else "loading"
+        return web.json_response({"status": why}, status=503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
+
+
+def _static(name: str) -> Any:
+    data = (_WEB / name).read_bytes()
+    content_type = _STATIC[name]
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(
+            body=data,
+            content_type=content_type,
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    return handler
+
+
+def make_app(host: Host) -> web.Application:
+    app = web.Application(client_max_size=host.config.max_line)
+    h = _Handlers(host)
+    app.router.add_get("/", _static("index.html"))
+    app.router.add_get("/app.js", _static("app.js"))
+    app.router.add_get("/style.css", _static("style.css"))
+    app.router.add_get("/ws", h.websocket)
+    app.router.add_get("/v1/snapshot", h.snapshot)
+    app.router.add_post("/v1/publish", h.publish)
+    app.router.add_get("/healthz", h.healthz)
+    app.router.add_get("/readyz", h.readyz)
+    app.router.add_get("/metrics", h.prometheus)
+    return app

@@ -1,0 +1,199 @@
+"""The TCP transport: an asyncio protocol that pumps bytes through a Session.
+
+Only the event loop thread runs this code. Output goes through one transport, so
+frames never interleave (§1), and every connection's waiting output is bounded:
+streams (snapshots, catch-ups) pause while the socket's buffer is above the high-water
+mark, and live changes that would push it past ``max_pending`` disconnect the
+subscriber instead (§7, ``output.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import cast
+
+from statecast.core.frames import encode_heartbeat
+from statecast.core.session import Session
+from statecast.transports.base import Host
+from statecast.transports.output import (
+    CLOSE_LINGER,
+    HIGH_WATER,
+    LOW_WATER,
+    STREAM_STEP,
+    cut_slow_consumer,
+    over_limit,
+)
+
+__all__ = ["TcpConnection"]
+
+log = logging.getLogger("statecast.transports.tcp")
+
+
+class TcpConnection(asyncio.Protocol):
+    transport_name = "tcp"
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.peer = "?"
+        self.last_send = 0.0  # the server's coarse clock at the last write
+        self._write_paused = False
+        self._read_paused = False
+        self._pump_handle: asyncio.Handle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._eof = False  # the client closed its sending side
+        self._closing = False
+        self._closed = False
+
+    # -- asyncio.Protocol ----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t = cast(asyncio.Transport, transport)
+        self.transport = t
+        t.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        peer = t.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        host = self._host
+        self.session = host.new_session(self, wakeup=self._after)
+        self.last_send = host.clock
+        host.connections.add(self)
+        log.debug("connection from %s", self.peer)
+        if host.stopping:
+            self.session.shutdown()
+        self._after()
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None or self._closing:
+            return
+        session.receive_data(data)
+        self._after()
+
+    def eof_received(self) -> bool:
+        # The client finished sending. Requests already received are still answered
+        # (``nc`` closes its side right after ``sync me``), so keep the socket open
+        # for writing until the session has nothing left to stream or to ack.
+        self._eof = True
+        session = self.session
+        return session is not None and (session.subscribed or not session.settled)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = self._closing = True
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+            self._pump_handle = None
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if self.session is not None:
+            self.session.close()
+        self._host.connections.discard(self)
+        log.debug("connection from %s closed%s", self.peer, f": {exc}" if exc else "")
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._set_reading(False)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        session = self.session
+        if session is not None and session.streaming:
+            self._schedule_pump()
+        else:
+            self._set_reading(True)
+
+    # -- fanout.Subscriber -----------------------------------------------------
+    def deliver(self, blob: bytes) -> None:
+        if self._closing:
+            return
+        t = self.transport
+        assert t is not None
+        assert self.session is not None
+        pending = self.session.data_to_send()
+        if pending:  # keep frames in the order they were produced
+            t.write(pending)
+        waiting = t.get_write_buffer_size()
+        if over_limit(self._host, waiting, len(blob)):
+            cut_slow_consumer(self._host, self.session, self.peer, waiting)
+            self._after()
+            return
+        t.write(blob)
+        self.last_send = self._host.clock
+
+    # -- server interface ------------------------------------------------------
+    def send_heartbeat(self) -> None:
+        if self._closing or self.transport is None:
+            return
+        self.transport.write(encode_heartbeat(self._host.engine.fanout.flushed_seq))
+        self.last_send = self._host.clock
+
+    def shutdown(self) -> None:
+        """§8: bye, then close once the output is written (the server aborts later)."""
+        if self._closing or self.session is None:
+            return
+        self.session.shutdown()
+        self._after()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.abort()
+
+    def pending_bytes(self) -> int:
+        t = self.transport
+        return 0 if t is None or self._closed else t.get_write_buffer_size()
+
+    # -- internals -------------------------------------------------------------
+    def _after(self) -> None:
+        """Write what the session produced, then decide what runs next."""
+        session = self.session
+        t = self.transport
+        if session is None or t is None or self._closing:
+            return
+        out = session.data_to_send()
+        if out:
+            t.write(out)
+            self.last_send = self._host.clock
+        if session.closing:
+            self._close(CLOSE_LINGER)
+        elif session.streaming:
+            self._set_reading(False)
+            self._schedule_pump()
+        elif self._eof and not session.subscribed and session.settled:
+            self._close(CLOSE_LINGER)
+        else:
+            self._set_reading(not self._write_paused)
+
+    def _schedule_pump(self) -> None:
+        if self._pump_handle is None and not self._write_paused:
+            self._pump_handle = self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        # One step per loop iteration, so one big sync never starves other clients.
+        self._pump_handle = None
+        session = self.session
+        if session is None or self._closing or self._write_paused:
+            return
+        session.pump(STREAM_STEP)
+        self._after()
+
+    def _set_reading(self, on: bool) -> None:
+        t = self.transport
+        if t is None or self._closing or on is not self._read_paused:
+            return  # gone, or already reading (on) / already paused (off)
+        if on:
+            t.resume_reading()
+        else:
+            t.pause_reading()
+        self._read_paused = not on
+
+    def _close(self, linger: float) -> None:
+        """Close after the buffered output is written, or abort after ``linger``."""
+        if self._closing or self.transport is None:
+            return
+        self._closing = True
+        self.transport.close()
+        if not self._closed:
+            self._linger = self._loop.call_later(linger, self.abort)
