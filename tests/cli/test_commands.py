@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tests.helpers import CMD, TIMEOUT, ServeProcess, frames_of, free_port
+from tests.helpers import CMD, TIMEOUT, LineClient, ServeProcess, frames_of, free_port
 
 
 @pytest.fixture
@@ -93,6 +93,12 @@ def test_stats(server: ServeProcess) -> None:
     assert stats["connections"] == 1
     assert stats["store"] == "sqlite:statecast.db"
     assert "changes_per_second" in stats
+    # Every field the server sends (§3.5) is shown, and nothing is left out.
+    with LineClient(server.port) as c:
+        c.send({"op": "stats"})
+        sent = c.read_until("stats")[-1]
+    assert set(sent) - {"type"} <= set(stats)
+    assert {"connections_accepted", "open_snapshots"} <= set(stats)
 
 
 def test_watch_shows_changes_and_resumes_after_a_restart(

@@ -117,3 +117,39 @@ def test_version(tmp_path: Path) -> None:
     r = statecast(tmp_path, "--version")
     assert r.returncode == 0
     assert r.stdout.startswith("statecast, version ")
+
+
+def test_every_config_field_is_a_serve_option_with_the_same_default() -> None:
+    """``statecast serve`` and ``Config`` map one to one (config.py)."""
+    import dataclasses  # noqa: PLC0415
+
+    import click  # noqa: PLC0415
+
+    from statecast.cli.main import serve  # noqa: PLC0415
+    from statecast.config import Config  # noqa: PLC0415
+
+    options = {p.name: p for p in serve.params if isinstance(p, click.Option)}
+    ctx = click.Context(serve)
+    for field in dataclasses.fields(Config):
+        assert field.name in options, f"Config.{field.name} has no serve option"
+        opt = options.pop(field.name)
+        default = opt.get_default(ctx, call=True)
+        parsed = opt.type_cast_value(ctx, default) if default is not None else None
+        assert parsed == getattr(Config(), field.name), field.name
+        assert f"--{field.name.replace('_', '-')}" in opt.opts, opt.opts
+        assert opt.envvar == f"STATECAST_{field.name.upper()}", opt.envvar
+    assert not options, f"serve options with no Config field: {sorted(options)}"
+
+
+def test_off_values(tmp_path: Path) -> None:
+    from statecast.cli.main import OffType  # noqa: PLC0415
+
+    port = OffType(int, zero_is_off=False)
+    assert port.convert("off", None, None) is None
+    assert port.convert("0", None, None) == 0
+    beat = OffType(float, zero_is_off=True)
+    assert beat.convert("0", None, None) is None
+    assert beat.convert("2.5", None, None) == 2.5
+    result = statecast(tmp_path, "serve", "--heartbeat", "soon")
+    assert result.returncode == 2
+    assert "not a number or 'off'" in result.stderr

@@ -123,7 +123,8 @@ def test_the_hot_path_lines_are_the_struct_encodings() -> None:
     assert delete.line == encode(ChangeFrame(13, "orders", key, deleted=True))
     assert encode_heartbeat(44) == encode(Heartbeat(44))
     for line in (upsert.line, upsert.change_line(), delete.line):
-        assert line.count(b"\n") == 1 and line.endswith(b"\n")
+        assert line.count(b"\n") == 1
+        assert line.endswith(b"\n")
 
 
 def test_error_frames_from_exceptions() -> None:

@@ -92,6 +92,74 @@ def fresh_state(port: int) -> tuple[int, dict[tuple[str, str], Any]]:
     }
 
 
+def crash_cycle(
+    tmp_path: Path,
+    args: tuple[str, ...],
+    *,
+    cycle: int,
+    replica: Replica,
+    rng: random.Random,
+    acked: dict[str, set[int]],
+    sent: dict[str, int],
+) -> None:
+    """One server life: the replica resumes, three clients publish, then SIGKILL at a
+    random moment; records what each publisher had acked and sent."""
+    server = ServeProcess(tmp_path, *args)
+    try:
+        # The replica resumes from where it was when the last server died.
+        with LineClient(server.port) as sub:
+            if cycle == 0:
+                sub.send({"op": "sync", "live": True})
+                frames = sub.read_until("snapshot_end")
+                replica.epoch = frames[0]["epoch"]
+                replica.seq = frames[-1]["seq"]
+            else:
+                reply = sub.request(
+                    {"op": "subscribe", "from": replica.seq, "epoch": replica.epoch}
+                )
+                assert reply["type"] == "subscribed", reply  # no resync after a crash
+                assert sub.hello["epoch"] == replica.epoch
+            stop = threading.Event()
+            follower = threading.Thread(target=replica.follow, args=(sub, stop), daemon=True)
+            follower.start()
+            pubs = [Publisher(server.port, f"c{cycle}p{n}") for n in range(3)]
+            for p in pubs:
+                p.start()
+            wait_for(
+                lambda pubs=pubs: all(p.acked for p in pubs),  # type: ignore[misc]
+                "every publisher's first ack",
+            )
+            time.sleep(rng.uniform(0.0, 0.6))  # then die at a random moment
+            server.p.send_signal(signal.SIGKILL)
+            for p in pubs:
+                p.join(10)
+                acked[p.tag] = set(p.acked)
+                sent[p.tag] = p.sent
+            stop.set()
+            follower.join(10)
+    finally:
+        server.stop(signal.SIGKILL)
+    assert sum(len(p.acked) for p in pubs) > 0, "no publish was acknowledged in time"
+
+
+def check_batches(
+    data: dict[tuple[str, str], object], acked: dict[str, set[int]], sent: dict[str, int]
+) -> None:
+    """Every batch whole; every acked batch present; nothing present that was never
+    sent (at most the one in flight at a kill is present without its ack)."""
+    present: dict[tuple[str, int], set[str]] = {}
+    for (_, key), _value in data.items():
+        tag, num, part = key.rsplit("-", 2)
+        present.setdefault((tag, int(num)), set()).add(part)
+    for (tag, n), parts in present.items():
+        assert parts == {"a", "b", "c"}, f"batch {tag}-{n} is partial: {parts}"
+    for tag, ks in acked.items():
+        missing = [k for k in ks if (tag, k) not in present]
+        assert not missing, f"acknowledged batches of {tag} lost: {missing[:10]}"
+        extra = {k for (t, k) in present if t == tag} - ks
+        assert extra <= {sent[tag]}, f"{tag}: batches present that were never acked: {extra}"
+
+
 @pytest.mark.slow
 def test_sigkill_while_publishing_loses_nothing_acknowledged(tmp_path: Path) -> None:
     rng = random.Random(7)
@@ -100,42 +168,7 @@ def test_sigkill_while_publishing_loses_nothing_acknowledged(tmp_path: Path) -> 
     replica = Replica()
     args = ("--store", "sqlite:crash.db", "--heartbeat", "0")
     for cycle in range(5):
-        server = ServeProcess(tmp_path, *args)
-        try:
-            # The replica resumes from where it was when the last server died.
-            with LineClient(server.port) as sub:
-                if cycle == 0:
-                    sub.send({"op": "sync", "live": True})
-                    frames = sub.read_until("snapshot_end")
-                    replica.epoch = frames[0]["epoch"]
-                    replica.seq = frames[-1]["seq"]
-                else:
-                    reply = sub.request(
-                        {"op": "subscribe", "from": replica.seq, "epoch": replica.epoch}
-                    )
-                    assert reply["type"] == "subscribed", reply  # no resync after a crash
-                    assert sub.hello["epoch"] == replica.epoch
-                stop = threading.Event()
-                follower = threading.Thread(target=replica.follow, args=(sub, stop), daemon=True)
-                follower.start()
-                pubs = [Publisher(server.port, f"c{cycle}p{n}") for n in range(3)]
-                for p in pubs:
-                    p.start()
-                wait_for(
-                    lambda pubs=pubs: all(p.acked for p in pubs),  # type: ignore[misc]
-                    "every publisher's first ack",
-                )
-                time.sleep(rng.uniform(0.0, 0.6))  # then die at a random moment
-                server.p.send_signal(signal.SIGKILL)
-                for p in pubs:
-                    p.join(10)
-                    acked[p.tag] = set(p.acked)
-                    sent[p.tag] = p.sent
-                stop.set()
-                follower.join(10)
-        finally:
-            server.stop(signal.SIGKILL)
-        assert sum(len(p.acked) for p in pubs) > 0, "no publish was acknowledged in time"
+        crash_cycle(tmp_path, args, cycle=cycle, replica=replica, rng=rng, acked=acked, sent=sent)
 
     server = ServeProcess(tmp_path, *args)
     try:
@@ -150,16 +183,4 @@ def test_sigkill_while_publishing_loses_nothing_acknowledged(tmp_path: Path) -> 
     finally:
         code, output = server.stop()
     assert code == 0, output
-
-    present: dict[tuple[str, int], set[str]] = {}
-    for (_, key), _value in data.items():
-        tag, num, part = key.rsplit("-", 2)
-        present.setdefault((tag, int(num)), set()).add(part)
-    for (tag, n), parts in present.items():
-        assert parts == {"a", "b", "c"}, f"batch {tag}-{n} is partial: {parts}"
-    for tag, ks in acked.items():
-        missing = [k for k in ks if (tag, k) not in present]
-        assert not missing, f"acknowledged batches of {tag} lost: {missing[:10]}"
-        # Committed without an ack: at most the one batch in flight at the kill.
-        extra = {k for (t, k) in present if t == tag} - ks
-        assert extra <= {sent[tag]}, f"{tag}: batches present that were never acked: {extra}"
+    check_batches(data, acked, sent)

@@ -27,6 +27,34 @@ def vanish(sock: socket.socket, rng: random.Random) -> None:
     sock.close()
 
 
+def connect_and_vanish(port: int, round_: int, rng: random.Random) -> bool:
+    """One client that asks for something, reads a random amount and vanishes;
+    whether it received anything."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    kind = round_ % 4
+    if kind == 0:
+        s.sendall(b"sync\n")
+    elif kind == 1:
+        s.sendall(b'{"op":"sync","live":true}\n')
+    elif kind == 2:
+        s.sendall(b'{"op":"subscribe","from":1}\n')
+    else:  # half a request, then gone
+        s.sendall(b'{"op":"publish","changes":[{"collection":"x","ke')
+    # Read a random amount: nothing, part of the snapshot, or a lot.
+    # (A half request only ever gets its hello.)
+    want = rng.choice([0, 1, 50] if kind == 3 else [0, 1, 5000, 200_000, 2_000_000])
+    got = 0
+    try:
+        while got < want:
+            chunk = s.recv(min(1 << 16, want - got))
+            if not chunk:
+                break
+            got += len(chunk)
+    finally:
+        vanish(s, rng)
+    return got > 0
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to count fds")
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
@@ -61,31 +89,7 @@ def test_disconnect_storm(caplog: pytest.LogCaptureFixture, event_loop: str) -> 
         for t in producers:
             t.start()
         try:
-            served = 0  # connections that received something before vanishing
-            for round_ in range(400):
-                s = socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT)
-                kind = round_ % 4
-                if kind == 0:
-                    s.sendall(b"sync\n")
-                elif kind == 1:
-                    s.sendall(b'{"op":"sync","live":true}\n')
-                elif kind == 2:
-                    s.sendall(b'{"op":"subscribe","from":1}\n')
-                else:  # half a request, then gone
-                    s.sendall(b'{"op":"publish","changes":[{"collection":"x","ke')
-                # Read a random amount: nothing, part of the snapshot, or a lot.
-                # (A half request only ever gets its hello.)
-                want = rng.choice([0, 1, 50] if kind == 3 else [0, 1, 5000, 200_000, 2_000_000])
-                got = 0
-                try:
-                    while got < want:
-                        chunk = s.recv(min(1 << 16, want - got))
-                        if not chunk:
-                            break
-                        got += len(chunk)
-                finally:
-                    vanish(s, rng)
-                served += got > 0
+            served = sum(connect_and_vanish(srv.port, round_, rng) for round_ in range(400))
         finally:
             stop.set()
             for t in producers:

@@ -134,7 +134,8 @@ class BlockingReplica:
         return self._lt.run(read())
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        """A consistent copy of the whole contents, with the seq it is at."""
+        """A consistent copy of the whole contents: taken on the replica's own loop,
+        between two applied changes, so never half of a batch."""
 
         async def copy() -> dict[str, dict[str, Any]]:
             return self._replica.snapshot()

@@ -1,6 +1,6 @@
 """The engine: one store, one fan-out, and the rules that join them. No I/O.
 
-Every transport (TCP now, WebSocket later) and the embedding API go through one
+Every transport (TCP, WebSocket, HTTP) and the embedding API go through one
 engine, so they share the same state, change log and fan-out.
 """
 

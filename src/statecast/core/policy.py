@@ -1,0 +1,356 @@
+"""What an authenticated connection may do: the :class:`Grant` and its rules.
+
+Pure: standard library and :mod:`statecast.errors` only, no I/O and no JWT. The
+signature and clock checks live in :mod:`statecast.tokens`, which turns a verified
+token's claims into a :class:`Grant` with :meth:`Grant.from_claims`; the session holds
+one grant per connection and asks it before every sync, subscribe and publish.
+
+Claims (all other claims are ignored)::
+
+    sub      str, required          who; 1 to 256 printable characters
+    exp      number, required       unix time the grant ends (tokens without one are refused)
+    read     "*" | [name, ...]      collections it may sync or subscribe to; missing/null = none
+    publish  "*" | [name, ...]      collections it may publish to; missing/null = none
+    where    {...} | null           a filter ANDed into every sync and subscription
+
+Scopes are ``frozenset[str] | None``: ``None`` means every collection (``"*"``), an
+empty frozenset means none, so "none" is always said explicitly.
+
+Rules
+-----
+* **read** (:meth:`Grant.readable`): a request that names collections must name only
+  readable ones, else :class:`~statecast.errors.Forbidden` naming the first one (in
+  sorted order) that is not; a request that leaves ``collections`` out means "everything
+  I may read" and gets the grant's read set (so it never fails unless the grant reads
+  nothing at all). Nothing is silently dropped from an explicit list.
+* **publish** (:meth:`Grant.check_publish`): every collection of a batch must be
+  publishable, else ``Forbidden`` naming the first one that is not; the caller checks
+  the whole batch before applying any of it.
+* **refresh** (:meth:`Grant.check_refresh`): a fresh token sent on a live connection
+  may extend the time but never widen what the connection may do:
+
+  - ``sub`` must be the same;
+  - ``where`` must be exactly the same (compared as canonical JSON: a live
+    subscription is already filtered by it, and filters are opaque here);
+  - ``read`` and ``publish`` may stay the same or narrow, never widen;
+  - ``read`` must still cover every live subscription of the connection;
+  - ``exp`` may move either way (the session re-arms its timer from the new grant).
+
+  A refresh that breaks a rule raises ``Forbidden``; the connection keeps its old
+  grant. To widen its rights a client reconnects with the new token.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from typing import ClassVar, Final, TypeAlias
+
+from statecast.errors import ConfigError, Forbidden, Unauthorized
+
+__all__ = [
+    "ALL",
+    "COLLECTION_RE",
+    "MAX_SUB_LENGTH",
+    "NONE",
+    "Grant",
+    "RequestId",
+    "Scope",
+]
+
+RequestId: TypeAlias = int | str | None
+
+Scope: TypeAlias = frozenset[str] | None
+"""A set of collections: ``None`` = all (``"*"``), an empty frozenset = none."""
+
+ALL: Final[Scope] = None
+NONE: Final[Scope] = frozenset()
+
+# docs/protocol.md §9 (the same rule as the protocol's collection names).
+COLLECTION_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+MAX_SUB_LENGTH: Final = 256
+
+
+def _show(name: object) -> str:
+    """A collection name (or something posing as one) for a message, cut short."""
+    return repr(name[:140] if isinstance(name, str) else name)[:150]
+
+
+def _canonical(where: Mapping[str, object] | None) -> str:
+    """JSON text that is equal exactly when two filters are (1, 1.0 and true differ)."""
+    return json.dumps(where, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _scope_frame(scope: Scope) -> str | list[str]:
+    return "*" if scope is None else sorted(scope)
+
+
+def _covers(outer: Scope, inner: Scope) -> bool:
+    """``inner`` is within ``outer``."""
+    if outer is None:
+        return True
+    return inner is not None and inner <= outer
+
+
+def _first_outside(outer: Scope, inner: Scope) -> str:
+    """The name of what ``inner`` has and ``outer`` lacks (``"*"`` for all)."""
+    if inner is None:
+        return "*"
+    assert outer is not None
+    return min(inner - outer)
+
+
+def _claim_scope(claims: Mapping[str, object], name: str, rid: RequestId) -> Scope:
+    value = claims.get(name)
+    if value is None:
+        return NONE
+    if value == "*":
+        return ALL
+    if not isinstance(value, list):
+        raise Unauthorized(
+            f'the token\'s {name!r} claim must be "*" or a list of collection names',
+            request_id=rid,
+        )
+    for item in value:
+        if not isinstance(item, str) or not COLLECTION_RE.fullmatch(item):
+            raise Unauthorized(
+                f"the token's {name!r} claim has an invalid collection name {_show(item)} "
+                "(1 to 128 of A-Z a-z 0-9 _ . -)",
+                request_id=rid,
+            )
+    return frozenset(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What one connection may do; see the module docstring for the rules.
+
+    ``where`` is the raw ``where`` claim (a JSON object) or ``None``; the server parses
+    it into a filter. It is copied on construction and must be treated as read-only.
+    Instances are immutable; ``hash()`` ignores ``where`` (equality does not).
+    """
+
+    sub: str
+    read: Scope = ALL
+    publish: Scope = ALL
+    where: dict[str, object] | None = field(default=None, hash=False)
+    exp: float | None = None
+
+    ANONYMOUS: ClassVar[Grant]
+    """The grant of every connection when no auth is configured: read and publish
+    everything, no filter, no expiry."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sub, str) or not self.sub:
+            raise ConfigError("Grant.sub must be a non-empty string")
+        for name in ("read", "publish"):
+            scope = getattr(self, name)
+            if scope is None:
+                continue
+            if not isinstance(scope, frozenset):
+                raise ConfigError(f"Grant.{name} must be a frozenset or None (all)")
+            for item in scope:
+                if not isinstance(item, str) or not COLLECTION_RE.fullmatch(item):
+                    raise ConfigError(f"Grant.{name}: invalid collection name {_show(item)}")
+        if self.where is not None:
+            if not isinstance(self.where, dict) or not all(isinstance(k, str) for k in self.where):
+                raise ConfigError("Grant.where must be a JSON object (a dict) or None")
+            try:  # a private copy, and proof that it is JSON
+                where = json.loads(_canonical(self.where))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"Grant.where must be JSON: {exc}") from None
+            object.__setattr__(self, "where", where)
+        if self.exp is not None:
+            if not _is_number(self.exp):
+                raise ConfigError("Grant.exp must be a finite number (unix time) or None")
+            object.__setattr__(self, "exp", float(self.exp))
+
+    # -- construction --------------------------------------------------------------
+
+    @classmethod
+    def anonymous(cls) -> Grant:
+        """The grant when no auth is configured (:attr:`ANONYMOUS`)."""
+        return cls.ANONYMOUS
+
+    @classmethod
+    def from_claims(cls, claims: Mapping[str, object], rid: RequestId = None) -> Grant:
+        """The grant of a verified token's claims; :class:`Unauthorized` if they are
+        not of the shape in the module docstring. Messages name the claim, never echo
+        the token."""
+        sub = claims.get("sub")
+        if sub is None:
+            raise Unauthorized("the token has no 'sub' claim", request_id=rid)
+        if not isinstance(sub, str) or not sub:
+            raise Unauthorized("the token's 'sub' claim must be a non-empty string", request_id=rid)
+        if len(sub) > MAX_SUB_LENGTH or not sub.isprintable():
+            raise Unauthorized(
+                f"the token's 'sub' claim must be at most {MAX_SUB_LENGTH} printable characters",
+                request_id=rid,
+            )
+        exp = claims.get("exp")
+        if exp is None:
+            raise Unauthorized("the token has no 'exp' claim (tokens must expire)", request_id=rid)
+        if not _is_number(exp):
+            raise Unauthorized(
+                "the token's 'exp' claim must be a number (seconds since the epoch)",
+                request_id=rid,
+            )
+        where = claims.get("where")
+        if where is not None:
+            if not isinstance(where, dict):
+                raise Unauthorized(
+                    "the token's 'where' claim must be a JSON object or null", request_id=rid
+                )
+            try:
+                _canonical(where)
+            except ValueError:  # NaN or Infinity, which json.loads lets through
+                raise Unauthorized(
+                    "the token's 'where' claim must not hold NaN or Infinity", request_id=rid
+                ) from None
+        assert isinstance(exp, int | float)
+        return cls(
+            sub=sub,
+            read=_claim_scope(claims, "read", rid),
+            publish=_claim_scope(claims, "publish", rid),
+            where=where,
+            exp=float(exp),
+        )
+
+    def to_claims(self) -> dict[str, object]:
+        """The claims that :meth:`from_claims` turns back into this grant (``exp`` as
+        an int, rounded down, and left out when there is none)."""
+        claims: dict[str, object] = {
+            "sub": self.sub,
+            "read": _scope_frame(self.read),
+            "publish": _scope_frame(self.publish),
+        }
+        if self.where is not None:
+            claims["where"] = copy.deepcopy(self.where)
+        if self.exp is not None:
+            claims["exp"] = math.floor(self.exp)
+        return claims
+
+    def to_frame(self) -> dict[str, object]:
+        """The fields of the ``authed`` frame (without ``type``)::
+
+        {"sub": str, "read": "*" | [sorted names], "where": {...} | None,
+         "publish": "*" | [sorted names] ([] = none), "exp": int | None}
+        """
+        return {
+            "sub": self.sub,
+            "read": _scope_frame(self.read),
+            "where": copy.deepcopy(self.where),
+            "publish": _scope_frame(self.publish),
+            "exp": None if self.exp is None else math.floor(self.exp),
+        }
+
+    # -- time ------------------------------------------------------------------------
+
+    def expired(self, now: float, leeway: float = 0.0) -> bool:
+        """Whether the grant has ended at ``now`` (unix time)."""
+        return self.exp is not None and now >= self.exp + leeway
+
+    def seconds_left(self, now: float) -> float | None:
+        """Seconds until the grant ends (0 if it has), ``None`` if it never does."""
+        return None if self.exp is None else max(0.0, self.exp - now)
+
+    # -- read / publish --------------------------------------------------------------
+
+    def may_read(self, collection: str) -> bool:
+        return self.read is None or collection in self.read
+
+    def may_publish(self, collection: str) -> bool:
+        return self.publish is None or collection in self.publish
+
+    def readable(self, requested: AbstractSet[str] | None, rid: RequestId = None) -> Scope:
+        """The collections a sync or subscribe for ``requested`` (``None`` = the
+        request named none) may see.
+
+        ``None`` asks for everything the grant reads: the answer is the grant's read
+        set (``None`` if it reads all). An explicit set must lie within the grant,
+        else :class:`Forbidden` names the first collection (sorted) that does not.
+        A grant that reads nothing forbids every sync and subscribe.
+        """
+        if self.read is not None and not self.read:
+            raise Forbidden(f"{self.sub!r} may not read any collection", request_id=rid)
+        if requested is None:
+            return self.read
+        wanted = frozenset(requested)
+        if self.read is not None and not wanted <= self.read:
+            name = min(wanted - self.read)
+            raise Forbidden(f"{self.sub!r} may not read collection {_show(name)}", request_id=rid)
+        return wanted
+
+    def check_publish(self, collections: Iterable[str], rid: RequestId = None) -> None:
+        """:class:`Forbidden` naming the first of ``collections`` (in the order given)
+        the grant may not publish to. Check a whole batch before applying any of it."""
+        if self.publish is None:
+            return
+        for name in collections:
+            if name not in self.publish:
+                raise Forbidden(
+                    f"{self.sub!r} may not publish to collection {_show(name)}",
+                    request_id=rid,
+                )
+
+    # -- refresh ---------------------------------------------------------------------
+
+    def check_refresh(
+        self,
+        new: Grant,
+        rid: RequestId = None,
+        *,
+        live: Iterable[AbstractSet[str] | None] = (),
+    ) -> None:
+        """:class:`Forbidden` unless ``new`` may replace this grant on a live connection
+        (rules in the module docstring). ``live`` holds the collections of each live
+        subscription of the connection, as :meth:`readable` returned them (``None`` =
+        all)."""
+        if new.sub != self.sub:
+            raise Forbidden(
+                f"a refreshed token may not change the subject "
+                f"(the connection is {_show(self.sub)}, the token is for {_show(new.sub)})",
+                request_id=rid,
+            )
+        if _canonical(new.where) != _canonical(self.where):
+            raise Forbidden("a refreshed token may not change the 'where' filter", request_id=rid)
+        for name, old_scope, new_scope in (
+            ("read", self.read, new.read),
+            ("publish", self.publish, new.publish),
+        ):
+            if not _covers(old_scope, new_scope):
+                widened = _first_outside(old_scope, new_scope)
+                raise Forbidden(
+                    f"a refreshed token may not widen {name!r} "
+                    f"(it adds {_show(widened)}; reconnect to widen)",
+                    request_id=rid,
+                )
+        for subscription in live:
+            scope = None if subscription is None else frozenset(subscription)
+            if not _covers(new.read, scope):
+                lost = _first_outside(new.read, scope)
+                raise Forbidden(
+                    f"the refreshed token does not cover the live subscription "
+                    f"(it may not read {_show(lost)})",
+                    request_id=rid,
+                )
+
+    def may_refresh_to(self, new: Grant, *, live: Iterable[AbstractSet[str] | None] = ()) -> bool:
+        """Whether :meth:`check_refresh` accepts ``new``."""
+        try:
+            self.check_refresh(new, live=live)
+        except Forbidden:
+            return False
+        return True
+
+
+Grant.ANONYMOUS = Grant(sub="anonymous", read=ALL, publish=ALL, where=None, exp=None)

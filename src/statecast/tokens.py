@@ -1,0 +1,592 @@
+"""Bearer tokens (JWT): verifying them into a :class:`~statecast.core.policy.Grant`,
+and minting them for ``statecast token``.
+
+Not in :mod:`statecast.core` because PyJWT imports ``urllib`` and ``socket``.
+
+What :meth:`TokenVerifier.verify` checks, in order; every failure is
+:class:`~statecast.errors.Unauthorized` with a message that names what is wrong and
+never contains the token or the key:
+
+1. the token is a non-empty string of at most :data:`MAX_TOKEN_LENGTH` characters,
+   made of three dot-separated parts;
+2. its header's ``alg`` is one the configured key allows (below) - checked before
+   anything else is trusted;
+3. the signature, with that key and only that key;
+4. ``aud`` / ``iss`` when the verifier was given an audience / issuer (a token that
+   carries an ``aud`` is refused by a verifier that has none, as RFC 7519 §4.1.3 asks);
+5. ``exp`` is present (see below), ``exp``/``nbf``/``iat`` are numbers, the token has
+   not expired and is not used before its ``nbf``, both with ``leeway`` seconds of
+   clock skew allowed (``iat`` in the future is not an error: it carries no validity);
+6. the statecast claims (``sub``, ``read``, ``publish``, ``where``) have the shapes of
+   :meth:`Grant.from_claims`.
+
+An expired token *presented* in an ``auth`` op is ``unauthorized`` like any other bad
+token; :class:`~statecast.errors.TokenExpired` is for the session to raise when the clock
+passes the ``exp`` of a connection's grant (:meth:`Grant.expired`).
+
+Algorithms come from the key, never from the token:
+
+* a **secret** (``--auth-secret``) allows HMAC: ``HS256``, plus ``HS384``/``HS512``
+  when the secret is long enough for them. RFC 7518 §3.2 asks for a key at least as long
+  as the hash, so a secret shorter than 32 bytes is a :class:`ConfigError`, and a secret
+  that is a PEM key is refused too (it belongs in ``--auth-public-key``).
+* a **public key** (``--auth-public-key``, PEM) allows only its own family: RSA (at
+  least 2048 bits) → ``RS256``/``RS384``/``RS512``; EC → the one of ``ES256``/``ES384``/
+  ``ES512`` that matches its curve (P-256/P-384/P-521). Other key types are refused.
+
+``none`` is never allowed, and neither is ``HS*`` with a public key: that is the
+classic *algorithm-confusion* attack, where an attacker signs an ``HS256`` token with
+the (public!) key PEM as the HMAC secret and a verifier that lets the token choose the
+algorithm accepts it. Here the key is held as a parsed key object, never as PEM text,
+and the allowed list is fixed at construction.
+
+Why ``exp`` is required: a token without one is valid forever, and a bearer token
+leaks - into logs, browser storage, a screenshot. Every token statecast accepts
+expires; mint long-lived ones with a long ``--ttl`` if you must, on purpose.
+
+Key files: ``--auth-public-key`` takes a PEM public key, an X.509 certificate (its
+public key is used), or an unencrypted PEM private key (its public key is derived and
+used for verifying, and :meth:`TokenVerifier.mint` can then sign with it, so
+``statecast token`` works from the same settings as the server).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+import jwt
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.exceptions import InvalidJTIError, InvalidSubjectError
+
+from statecast.core.policy import (
+    ALL,
+    COLLECTION_RE,
+    MAX_SUB_LENGTH,
+    NONE,
+    Grant,
+    RequestId,
+    Scope,
+)
+from statecast.errors import ConfigError, Unauthorized
+
+__all__ = [
+    "MAX_KEY_FILE_SIZE",
+    "MAX_TOKEN_LENGTH",
+    "MIN_RSA_BITS",
+    "MIN_SECRET_BYTES",
+    "TokenVerifier",
+    "mint",
+    "parse_scope",
+    "parse_ttl",
+    "parse_where_arg",
+]
+
+MAX_TOKEN_LENGTH: Final = 8192
+MIN_SECRET_BYTES: Final = 32
+MIN_RSA_BITS: Final = 2048
+MAX_KEY_FILE_SIZE: Final = 1 << 20
+
+_HMAC: Final = (("HS256", 32), ("HS384", 48), ("HS512", 64))
+_RSA: Final = ("RS256", "RS384", "RS512")
+_EC_BY_CURVE: Final = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+
+_PublicKey: TypeAlias = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+_PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+# ---------------------------------------------------------------------------
+# Keys
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """A key as PyJWT wants it, with the algorithms it allows (the first is the
+    default for signing)."""
+
+    verify_key: bytes | _PublicKey
+    sign_key: bytes | _PrivateKey | None
+    algorithms: tuple[str, ...]
+
+
+def _secret_key(secret: str, setting: str) -> _Key:
+    if not isinstance(secret, str):
+        raise ConfigError(f"{setting} must be a string")
+    if secret.lstrip().startswith("-----BEGIN"):
+        raise ConfigError(
+            f"{setting} is a PEM key, not a shared secret (give a public key file instead)"
+        )
+    raw = secret.encode()
+    if len(raw) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{setting} must be at least {MIN_SECRET_BYTES} bytes for HS256 "
+            f"(RFC 7518 §3.2), not {len(raw)}"
+        )
+    algorithms = tuple(alg for alg, size in _HMAC if len(raw) >= size)
+    return _Key(verify_key=raw, sign_key=raw, algorithms=algorithms)
+
+
+def _algorithms_for(key: object, setting: str) -> tuple[str, ...]:
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise ConfigError(
+                f"{setting}: the RSA key has {key.key_size} bits; at least {MIN_RSA_BITS} "
+                "are required"
+            )
+        return _RSA
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
+        alg = _EC_BY_CURVE.get(key.curve.name)
+        if alg is None:
+            raise ConfigError(
+                f"{setting}: unsupported EC curve {key.curve.name} (use P-256, P-384 or P-521)"
+            )
+        return (alg,)
+    raise ConfigError(
+        f"{setting}: unsupported key type {type(key).__name__} (use an RSA or EC key)"
+    )
+
+
+def _pem_key(pem: str | bytes, setting: str, *, private: bool = False) -> _Key:
+    """A key from PEM text: public key, certificate or unencrypted private key
+    (``private=True``: a private key only, for signing)."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    if not isinstance(data, bytes) or b"-----BEGIN" not in data:
+        raise ConfigError(f"{setting}: not a PEM key (no '-----BEGIN' line)")
+    if not private:
+        if b"-----BEGIN CERTIFICATE" in data:
+            try:
+                public: object = x509.load_pem_x509_certificate(data).public_key()
+            except ValueError:
+                raise ConfigError(f"{setting}: not a valid PEM certificate") from None
+            algorithms = _algorithms_for(public, setting)
+            assert isinstance(public, _PublicKey)
+            return _Key(verify_key=public, sign_key=None, algorithms=algorithms)
+        if b"PRIVATE KEY-----" not in data:
+            try:
+                public = serialization.load_pem_public_key(data)
+            except (ValueError, UnsupportedAlgorithm):
+                raise ConfigError(f"{setting}: not a valid PEM public key") from None
+            algorithms = _algorithms_for(public, setting)
+            assert isinstance(public, _PublicKey)
+            return _Key(verify_key=public, sign_key=None, algorithms=algorithms)
+    elif b"PRIVATE KEY-----" not in data:
+        raise ConfigError(f"{setting}: not a PEM private key (a public key cannot sign)")
+    try:
+        secret_key: object = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise ConfigError(
+            f"{setting}: the private key is encrypted (give an unencrypted key)"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"{setting}: not a valid PEM private key") from None
+    algorithms = _algorithms_for(secret_key, setting)
+    assert isinstance(secret_key, _PrivateKey)
+    return _Key(verify_key=secret_key.public_key(), sign_key=secret_key, algorithms=algorithms)
+
+
+def _read_key_file(path: str | os.PathLike[str], setting: str) -> bytes:
+    where = f"{setting} {os.fspath(path)}"
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_KEY_FILE_SIZE + 1)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    if len(data) > MAX_KEY_FILE_SIZE:
+        raise ConfigError(f"{where}: larger than {MAX_KEY_FILE_SIZE} bytes, not a PEM key")
+    if not data.strip():
+        raise ConfigError(f"{where}: the file is empty")
+    return data
+
+
+def _one_key(
+    secret: str | None,
+    pem: str | bytes | None,
+    secret_setting: str,
+    pem_setting: str,
+    *,
+    private: bool,
+) -> _Key:
+    if (secret is None) == (pem is None):
+        raise ConfigError(f"give exactly one of {secret_setting} and {pem_setting}")
+    if secret is not None:
+        return _secret_key(secret, secret_setting)
+    assert pem is not None
+    return _pem_key(pem, pem_setting, private=private)
+
+
+# ---------------------------------------------------------------------------
+# Verifying
+
+
+def _unauthorized(message: str, rid: RequestId) -> Unauthorized:
+    return Unauthorized(message, request_id=rid)
+
+
+def _pyjwt_message(exc: jwt.PyJWTError) -> str:
+    """A fixed message for a PyJWT error (theirs may quote parts of the token)."""
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return "bad token signature (forged, or signed with another key)"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        if exc.claim == "exp":
+            return "the token has no 'exp' claim (tokens must expire)"
+        return f"the token has no {exc.claim!r} claim"
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return "the token is not meant for this server (wrong or unexpected 'aud')"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return "the token is from another issuer ('iss')"
+    if isinstance(exc, InvalidSubjectError):
+        return "the token's 'sub' claim must be a non-empty string"
+    if isinstance(exc, jwt.InvalidAlgorithmError):
+        return "the token's algorithm is not accepted"
+    if isinstance(exc, InvalidJTIError):
+        return "the token's 'jti' claim must be a string"
+    if isinstance(exc, jwt.DecodeError):
+        return "malformed token (not a valid JWT)"
+    return "invalid token"
+
+
+def _time_claim(payload: Mapping[str, Any], name: str, rid: RequestId) -> float | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise _unauthorized(
+            f"the token's {name!r} claim must be a number (seconds since the epoch)", rid
+        )
+    return float(value)
+
+
+class TokenVerifier:
+    """Verifies bearer tokens against one key (see the module docstring).
+
+    Give exactly one of ``secret`` (a shared HMAC secret) or ``public_key`` (PEM text
+    of a public key, certificate or private key). ``audience`` / ``issuer``, when
+    given, must match the token's ``aud`` / ``iss``. Bad settings raise
+    :class:`ConfigError`.
+    """
+
+    __slots__ = ("_audience", "_issuer", "_key", "leeway")
+
+    def __init__(
+        self,
+        secret: str | None = None,
+        public_key: str | bytes | None = None,
+        *,
+        leeway: float = 0,
+        audience: str | None = None,
+        issuer: str | None = None,
+    ) -> None:
+        key = _one_key(secret, public_key, "--auth-secret", "--auth-public-key", private=False)
+        self._setup(key, leeway, audience, issuer)
+
+    def _setup(self, key: _Key, leeway: float, audience: str | None, issuer: str | None) -> None:
+        if (
+            isinstance(leeway, bool)
+            or not isinstance(leeway, int | float)
+            or not 0 <= leeway < math.inf
+        ):
+            raise ConfigError("the token leeway must be a number of seconds >= 0")
+        self._key = key
+        self.leeway = float(leeway)
+        self._audience = audience
+        self._issuer = issuer
+
+    @classmethod
+    def from_files(
+        cls,
+        *,
+        secret: str | None = None,
+        public_key_file: str | os.PathLike[str] | None = None,
+        leeway: float = 0,
+        audience: str | None = None,
+        issuer: str | None = None,
+    ) -> TokenVerifier:
+        """The verifier for ``--auth-secret`` or ``--auth-public-key FILE``;
+        :class:`ConfigError` naming the file and what is wrong with it."""
+        if public_key_file is None:
+            return cls(secret, leeway=leeway, audience=audience, issuer=issuer)
+        if secret is not None:
+            raise ConfigError("give exactly one of --auth-secret and --auth-public-key")
+        setting = "--auth-public-key"
+        data = _read_key_file(public_key_file, setting)
+        try:
+            key = _pem_key(data, setting)
+        except ConfigError as exc:
+            message = str(exc).removeprefix(f"{setting}:").strip()
+            raise ConfigError(f"{setting} {os.fspath(public_key_file)}: {message}") from None
+        verifier = cls.__new__(cls)
+        verifier._setup(key, leeway, audience, issuer)
+        return verifier
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """The ``alg`` values a token may have (fixed by the key)."""
+        return self._key.algorithms
+
+    @property
+    def can_mint(self) -> bool:
+        """Whether :meth:`mint` works: a secret, or a private key file."""
+        return self._key.sign_key is not None
+
+    def __repr__(self) -> str:  # never the key
+        return f"TokenVerifier(algorithms={list(self.algorithms)!r})"
+
+    def verify(self, token: object, now: float | None = None, *, rid: RequestId = None) -> Grant:
+        """The grant of a valid ``token``; :class:`Unauthorized` otherwise (the checks
+        are in the module docstring). ``now`` is unix time (default: the clock)."""
+        if not isinstance(token, str):
+            raise _unauthorized(f"the token must be a string, not {type(token).__name__}", rid)
+        if not token.strip():
+            raise _unauthorized("the token is empty", rid)
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise _unauthorized(f"the token is longer than {MAX_TOKEN_LENGTH} characters", rid)
+        if not token.isascii() or token.count(".") != 2:
+            raise _unauthorized(
+                "malformed token (a JWT is three base64url parts joined by '.')", rid
+            )
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError:
+            raise _unauthorized("malformed token (its header is not base64url JSON)", rid) from None
+        except jwt.PyJWTError:  # an unsupported 'crit' extension, a 'kid' not a string
+            raise _unauthorized(
+                "invalid token header (unsupported 'crit' extension or bad 'kid')", rid
+            ) from None
+        alg = header.get("alg")
+        if alg not in self._key.algorithms:
+            shown = repr(alg)[:24] if isinstance(alg, str) else "missing or not a string"
+            raise _unauthorized(
+                f"the token's algorithm {shown} is not accepted here "
+                f"(expected {' or '.join(self._key.algorithms)})",
+                rid,
+            )
+        try:
+            payload: dict[str, Any] = jwt.decode(
+                token,
+                self._key.verify_key,
+                algorithms=list(self._key.algorithms),
+                audience=self._audience,
+                issuer=self._issuer,
+                options={
+                    # Time is checked below, against ``now``.
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "require": ["sub", "exp"],
+                },
+            )
+        except jwt.PyJWTError as exc:
+            raise _unauthorized(_pyjwt_message(exc), rid) from None
+        except (ValueError, TypeError):  # defensive: nothing else should get out
+            raise _unauthorized("malformed token (not a valid JWT)", rid) from None
+
+        grant = Grant.from_claims(payload, rid)  # exp required and a number
+        nbf = _time_claim(payload, "nbf", rid)
+        _time_claim(payload, "iat", rid)
+        at = time.time() if now is None else now
+        assert grant.exp is not None
+        if grant.expired(at, self.leeway):
+            raise _unauthorized(f"the token has expired ({math.ceil(at - grant.exp)} s ago)", rid)
+        if nbf is not None and nbf > at + self.leeway:
+            raise _unauthorized(
+                f"the token is not valid yet (its 'nbf' is {math.ceil(nbf - at)} s from now)",
+                rid,
+            )
+        return grant
+
+    def mint(
+        self,
+        *,
+        sub: str,
+        read: Collection[str] | None,
+        publish: Collection[str] | None,
+        where: Mapping[str, object] | None = None,
+        ttl: float,
+        now: float | None = None,
+        algorithm: str | None = None,
+    ) -> str:
+        """A token this verifier accepts (see :func:`mint`); :class:`ConfigError` if it
+        only has a public key, or for bad arguments."""
+        if self._key.sign_key is None:
+            raise ConfigError(
+                "cannot mint tokens with a public key: give the private key file "
+                "(or a secret) to sign with"
+            )
+        return _mint(
+            self._key,
+            sub=sub,
+            read=read,
+            publish=publish,
+            where=where,
+            ttl=ttl,
+            now=now,
+            algorithm=algorithm,
+            audience=self._audience,
+            issuer=self._issuer,
+        )
+
+
+# ---------------------------------------------------------------------------
+# Minting
+
+
+def _scope_arg(value: Collection[str] | None, setting: str) -> Scope:
+    if value is None:
+        return ALL
+    if isinstance(value, str):
+        return parse_scope(value, setting)
+    names = frozenset(value)
+    for name in names:
+        if not isinstance(name, str) or not COLLECTION_RE.fullmatch(name):
+            raise ConfigError(f"{setting}: invalid collection name {name!r}")
+    return names
+
+
+def _mint(
+    key: _Key,
+    *,
+    sub: str,
+    read: Collection[str] | None,
+    publish: Collection[str] | None,
+    where: Mapping[str, object] | None,
+    ttl: float,
+    now: float | None,
+    algorithm: str | None,
+    audience: str | None = None,
+    issuer: str | None = None,
+) -> str:
+    assert key.sign_key is not None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+        raise ConfigError("--ttl must be a positive number of seconds")
+    alg = key.algorithms[0] if algorithm is None else algorithm
+    if alg not in key.algorithms:
+        raise ConfigError(
+            f"algorithm {alg!r} does not fit the key (use {' or '.join(key.algorithms)})"
+        )
+    issued = time.time() if now is None else now
+    if isinstance(sub, str) and (not sub or len(sub) > MAX_SUB_LENGTH or not sub.isprintable()):
+        raise ConfigError(f"--sub must be 1 to {MAX_SUB_LENGTH} printable characters")
+    grant = Grant(
+        sub=sub,
+        read=_scope_arg(read, "--read"),
+        publish=_scope_arg(publish, "--publish"),
+        where=None if where is None else dict(where),
+        exp=issued + ttl,
+    )
+    claims = grant.to_claims()
+    claims["iat"] = math.floor(issued)
+    claims["exp"] = math.ceil(issued + ttl)
+    if audience is not None:
+        claims["aud"] = audience
+    if issuer is not None:
+        claims["iss"] = issuer
+    return jwt.encode(claims, key.sign_key, algorithm=alg)
+
+
+def mint(
+    *,
+    secret: str | None = None,
+    private_key: str | bytes | None = None,
+    sub: str,
+    read: Collection[str] | None,
+    publish: Collection[str] | None,
+    where: Mapping[str, object] | None = None,
+    ttl: float,
+    now: float | None = None,
+    algorithm: str | None = None,
+    audience: str | None = None,
+    issuer: str | None = None,
+) -> str:
+    """A signed token for ``sub``, valid for ``ttl`` seconds from ``now``.
+
+    Sign with exactly one of ``secret`` (HS256 by default) or ``private_key`` (PEM;
+    RS256 for RSA, ES256/384/512 by the curve for EC); ``algorithm`` picks another one
+    the key allows. ``read`` / ``publish``: ``None`` or ``"*"`` = all, an empty
+    collection or ``"none"`` = none, else collection names (a string is parsed as a
+    comma-separated list, never split into characters). ``where`` is the raw filter
+    object. :class:`ConfigError` for bad arguments.
+    """
+    key = _one_key(secret, private_key, "secret", "private_key", private=True)
+    return _mint(
+        key,
+        sub=sub,
+        read=read,
+        publish=publish,
+        where=where,
+        ttl=ttl,
+        now=now,
+        algorithm=algorithm,
+        audience=audience,
+        issuer=issuer,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Command-line values (``statecast token``)
+
+_NUMBER: Final = re.compile(r"\d+(?:\.\d+)?")
+_TTL_PART: Final = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_TTL_FULL: Final = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
+_UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_MAX_TTL: Final = 10 * 366 * 86400.0
+
+
+def parse_ttl(text: str, setting: str = "--ttl") -> float:
+    """Seconds in ``"45s"``, ``"30m"``, ``"8h"``, ``"2d"``, ``"1w"``, ``"1h30m"`` or a
+    plain ``"3600"``; positive and at most ten years. :class:`ConfigError` otherwise."""
+    hint = "use e.g. 45s, 30m, 8h, 2d, 1h30m or a number of seconds"
+    if not isinstance(text, str):
+        raise ConfigError(f"{setting}: expected a duration ({hint})")
+    s = text.strip().lower()
+    if _NUMBER.fullmatch(s):
+        seconds = float(s)
+    elif _TTL_FULL.fullmatch(s):
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _TTL_PART.findall(s))
+    else:
+        raise ConfigError(f"{setting}: invalid duration {text[:40]!r} ({hint})")
+    if not 0 < seconds <= _MAX_TTL:
+        raise ConfigError(f"{setting}: the duration must be more than 0 and at most 10 years")
+    return seconds
+
+
+def parse_scope(text: str, setting: str) -> Scope:
+    """``"*"`` → ``None`` (all), ``"none"`` → empty (none), ``"a,b"`` → ``{"a", "b"}``;
+    :class:`ConfigError` naming ``setting`` for an invalid name or an empty value."""
+    s = text.strip()
+    if s == "*":
+        return ALL
+    if s.lower() == "none":
+        return NONE
+    names = [part.strip() for part in s.split(",") if part.strip()]
+    if not names:
+        raise ConfigError(f"{setting}: give '*', 'none' or comma-separated collection names")
+    for name in names:
+        if not COLLECTION_RE.fullmatch(name):
+            raise ConfigError(
+                f"{setting}: invalid collection name {name[:140]!r} (1 to 128 of A-Z a-z 0-9 _ . -)"
+            )
+    return frozenset(names)
+
+
+def parse_where_arg(text: str | None, setting: str = "--where") -> dict[str, object] | None:
+    """The JSON object of ``--where`` (``None``/empty → no filter); :class:`ConfigError`
+    if it is not JSON or not an object. The filter's own rules are checked by the
+    server's filter parser."""
+    if text is None or not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{setting}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f'{setting}: must be a JSON object, like \'{{"account": "ACC-1"}}\'')
+    return value

@@ -1,0 +1,334 @@
+"""Grant rules: what a connection may read, publish and refresh to (core/policy.py)."""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from statecast.core import policy
+from statecast.core.policy import ALL, NONE, Grant
+from statecast.errors import ConfigError, Forbidden, Unauthorized
+
+EXP = 1_700_000_000.75
+
+
+def grant(
+    read: frozenset[str] | None = frozenset({"orders", "positions"}),
+    publish: frozenset[str] | None = frozenset({"orders"}),
+    where: dict[str, object] | None = None,
+    sub: str = "alice",
+    exp: float | None = EXP,
+) -> Grant:
+    return Grant(sub=sub, read=read, publish=publish, where=where, exp=exp)
+
+
+def fs(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+# -- purity -------------------------------------------------------------------------
+
+
+def test_policy_imports_only_stdlib_and_errors() -> None:
+    source = Path(policy.__file__).read_text()
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.module is not None
+            imported.add(node.module)
+    allowed = {
+        "__future__",
+        "collections.abc",
+        "copy",
+        "dataclasses",
+        "json",
+        "math",
+        "re",
+        "typing",
+        "statecast.errors",
+    }
+    assert imported <= allowed
+
+
+# -- anonymous ----------------------------------------------------------------------
+
+
+def test_anonymous_reads_and_publishes_everything() -> None:
+    g = Grant.ANONYMOUS
+    assert Grant.anonymous() is g
+    assert g.read is ALL
+    assert g.publish is ALL
+    assert g.where is None
+    assert g.exp is None
+    assert g.readable(None) is None
+    assert g.readable(fs("a", "b")) == fs("a", "b")
+    g.check_publish(["anything", "at.all"])
+    assert g.may_read("x")
+    assert g.may_publish("x")
+    assert not g.expired(1e12)
+    assert g.seconds_left(0) is None
+    assert g.to_frame() == {
+        "sub": "anonymous",
+        "read": "*",
+        "where": None,
+        "publish": "*",
+        "exp": None,
+    }
+
+
+# -- read ---------------------------------------------------------------------------
+
+
+def test_readable_omitted_collections_mean_the_grants_read_set() -> None:
+    assert grant().readable(None) == fs("orders", "positions")
+
+
+def test_readable_allows_a_subset() -> None:
+    g = grant()
+    assert g.readable(fs("orders")) == fs("orders")
+    assert g.readable({"orders", "positions"}) == fs("orders", "positions")
+
+
+def test_readable_forbids_naming_a_collection_outside_read() -> None:
+    with pytest.raises(Forbidden, match=r"'alice' may not read collection 'audit'") as info:
+        grant().readable(fs("orders", "zz", "audit"), rid=7)
+    assert info.value.request_id == 7
+    assert info.value.code == "forbidden"
+
+
+def test_readable_all_grant_passes_requests_through() -> None:
+    g = grant(read=ALL)
+    assert g.readable(None) is None
+    assert g.readable(fs("x")) == fs("x")
+
+
+def test_readable_with_no_read_rights_forbids_everything() -> None:
+    g = grant(read=NONE)
+    with pytest.raises(Forbidden, match="may not read any collection"):
+        g.readable(None)
+    with pytest.raises(Forbidden):
+        g.readable(fs("orders"))
+
+
+# -- publish ------------------------------------------------------------------------
+
+
+def test_check_publish_allows_listed_collections() -> None:
+    grant().check_publish(["orders", "orders"])
+    grant(publish=ALL).check_publish(["x", "y"])
+
+
+def test_check_publish_names_the_first_forbidden_collection() -> None:
+    with pytest.raises(Forbidden, match=r"may not publish to collection 'positions'") as info:
+        grant().check_publish(["orders", "positions", "audit"], rid="p1")
+    assert info.value.request_id == "p1"
+
+
+def test_check_publish_with_none_forbids_everything() -> None:
+    g = grant(publish=NONE)
+    assert not g.may_publish("orders")
+    with pytest.raises(Forbidden, match="'orders'"):
+        g.check_publish(["orders"])
+    g.check_publish([])  # an empty batch publishes nothing
+
+
+# -- refresh ------------------------------------------------------------------------
+
+
+def test_refresh_same_scopes_later_exp_is_allowed() -> None:
+    old = grant()
+    new = grant(exp=EXP + 3600)
+    old.check_refresh(new, live=[fs("orders")])
+    assert old.may_refresh_to(new)
+
+
+def test_refresh_earlier_exp_is_allowed() -> None:
+    assert grant().may_refresh_to(grant(exp=EXP - 10))
+
+
+def test_refresh_may_not_change_sub() -> None:
+    with pytest.raises(Forbidden, match="may not change the subject") as info:
+        grant().check_refresh(grant(sub="mallory"), rid=3)
+    assert info.value.request_id == 3
+    assert not grant().may_refresh_to(grant(sub="mallory"))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "added"),
+    [
+        (fs("orders"), fs("orders", "audit"), "audit"),
+        (fs("orders"), ALL, "*"),
+        (NONE, fs("orders"), "orders"),
+    ],
+)
+def test_refresh_may_not_widen_read_or_publish(
+    old: frozenset[str] | None, new: frozenset[str] | None, added: str
+) -> None:
+    with pytest.raises(Forbidden, match=rf"may not widen 'read' \(it adds '{re.escape(added)}'"):
+        grant(read=old).check_refresh(grant(read=new))
+    with pytest.raises(Forbidden, match=r"may not widen 'publish'"):
+        grant(publish=old).check_refresh(grant(publish=new))
+
+
+def test_refresh_may_narrow_read_and_publish() -> None:
+    old = grant(read=ALL, publish=ALL)
+    assert old.may_refresh_to(grant(read=fs("orders"), publish=NONE))
+    assert grant().may_refresh_to(grant(read=fs("orders"), publish=NONE))
+
+
+def test_refresh_must_still_cover_the_live_subscription() -> None:
+    old = grant()
+    narrower = grant(read=fs("orders"))
+    assert old.may_refresh_to(narrower, live=[fs("orders")])
+    with pytest.raises(Forbidden, match=r"live subscription .*'positions'"):
+        old.check_refresh(narrower, live=[fs("orders", "positions")])
+    # A subscription to everything (under a read-all grant) needs a read-all refresh.
+    everything = grant(read=ALL)
+    assert everything.may_refresh_to(grant(read=ALL), live=[None])
+    with pytest.raises(Forbidden, match=r"may not read '\*'"):
+        everything.check_refresh(grant(read=fs("orders")), live=[None])
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (None, {"account": "ACC-1"}),
+        ({"account": "ACC-1"}, None),
+        ({"account": "ACC-1"}, {"account": "ACC-2"}),
+        ({"qty": 1}, {"qty": 1.0}),
+        ({"qty": 1}, {"qty": True}),
+        ({"account": "ACC-1"}, {"account": "ACC-1", "desk": "fx"}),
+    ],
+)
+def test_refresh_may_not_change_where(
+    old: dict[str, object] | None, new: dict[str, object] | None
+) -> None:
+    with pytest.raises(Forbidden, match="may not change the 'where' filter"):
+        grant(where=old).check_refresh(grant(where=new))
+
+
+def test_refresh_where_compares_as_json_not_by_key_order() -> None:
+    a = grant(where={"account": "ACC-1", "desk": ["fx", "rates"]})
+    b = grant(where={"desk": ["fx", "rates"], "account": "ACC-1"})
+    assert a.may_refresh_to(b)
+
+
+# -- frames and claims --------------------------------------------------------------
+
+
+def test_to_frame_sorts_and_floors() -> None:
+    g = grant(read=fs("positions", "orders"), publish=NONE, where={"account": "ACC-1"}, exp=EXP)
+    assert g.to_frame() == {
+        "sub": "alice",
+        "read": ["orders", "positions"],
+        "where": {"account": "ACC-1"},
+        "publish": [],
+        "exp": math.floor(EXP),
+    }
+    frame = g.to_frame()
+    where = frame["where"]
+    assert isinstance(where, dict)
+    where["account"] = "changed"  # a copy: the grant is untouched
+    assert g.where == {"account": "ACC-1"}
+
+
+def test_claims_roundtrip() -> None:
+    g = grant(where={"account": "ACC-1"}, exp=1_700_000_000)
+    assert Grant.from_claims(g.to_claims()) == g
+    g2 = grant(read=ALL, publish=ALL, exp=1_700_000_000)
+    assert g2.to_claims() == {"sub": "alice", "read": "*", "publish": "*", "exp": 1_700_000_000}
+    assert Grant.from_claims(g2.to_claims()) == g2
+
+
+def test_from_claims_missing_read_and_publish_mean_none() -> None:
+    g = Grant.from_claims({"sub": "bob", "exp": 5, "read": None})
+    assert g.read == NONE
+    assert g.publish == NONE
+    assert g.where is None
+    assert g.exp == 5.0
+
+
+def test_from_claims_dedupes_lists() -> None:
+    g = Grant.from_claims({"sub": "bob", "exp": 5, "read": ["a", "a", "b"], "publish": []})
+    assert g.read == fs("a", "b")
+    assert g.publish == NONE
+
+
+@pytest.mark.parametrize(
+    ("claims", "message"),
+    [
+        ({"exp": 5}, "no 'sub' claim"),
+        ({"sub": "", "exp": 5}, "'sub' claim must be a non-empty string"),
+        ({"sub": 5, "exp": 5}, "'sub' claim must be a non-empty string"),
+        ({"sub": "a\nb", "exp": 5}, "printable"),
+        ({"sub": "x" * 257, "exp": 5}, "at most 256"),
+        ({"sub": "a"}, "no 'exp' claim"),
+        ({"sub": "a", "exp": "soon"}, "'exp' claim must be a number"),
+        ({"sub": "a", "exp": True}, "'exp' claim must be a number"),
+        ({"sub": "a", "exp": math.inf}, "'exp' claim must be a number"),
+        ({"sub": "a", "exp": 5, "read": "orders"}, r"'read' claim must be \"\*\" or a list"),
+        ({"sub": "a", "exp": 5, "read": {"a": 1}}, "'read' claim must be"),
+        (
+            {"sub": "a", "exp": 5, "read": ["ok", 1]},
+            "'read' claim has an invalid collection name 1",
+        ),
+        ({"sub": "a", "exp": 5, "read": ["*"]}, r"invalid collection name '\*'"),
+        ({"sub": "a", "exp": 5, "publish": ["bad name"]}, "'publish' claim has an invalid"),
+        ({"sub": "a", "exp": 5, "publish": "none"}, "'publish' claim must be"),
+        ({"sub": "a", "exp": 5, "where": ["x"]}, "'where' claim must be a JSON object"),
+        ({"sub": "a", "exp": 5, "where": "account=1"}, "'where' claim must be a JSON object"),
+        ({"sub": "a", "exp": 5, "where": {"x": math.nan}}, "NaN or Infinity"),
+    ],
+)
+def test_from_claims_rejects_bad_shapes(claims: dict[str, object], message: str) -> None:
+    with pytest.raises(Unauthorized, match=message) as info:
+        Grant.from_claims(claims, rid=9)
+    assert type(info.value) is Unauthorized
+    assert info.value.request_id == 9
+
+
+# -- the dataclass ------------------------------------------------------------------
+
+
+def test_grant_is_frozen_hashable_and_copies_where() -> None:
+    where: dict[str, object] = {"account": "ACC-1"}
+    g = grant(where=where)
+    where["account"] = "ACC-2"
+    assert g.where == {"account": "ACC-1"}
+    assert hash(g) == hash(grant(where={"account": "other"}))  # where is not hashed...
+    assert g != grant(where={"account": "other"})  # ...but is compared
+    with pytest.raises(AttributeError):
+        g.sub = "bob"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"sub": ""},
+        {"read": fs("bad name")},
+        {"publish": {"orders"}},
+        {"where": {"x": math.nan}},
+        {"where": ["x"]},
+        {"exp": math.nan},
+        {"exp": "soon"},
+    ],
+)
+def test_grant_validates_its_fields(kwargs: dict[str, object]) -> None:
+    base: dict[str, object] = {"sub": "alice", "read": ALL, "publish": ALL}
+    with pytest.raises(ConfigError):
+        Grant(**{**base, **kwargs})  # type: ignore[arg-type]
+
+
+def test_expiry_helpers() -> None:
+    g = grant(exp=100.0)
+    assert not g.expired(99.9)
+    assert g.expired(100.0)
+    assert not g.expired(100.5, leeway=1)
+    assert g.seconds_left(40) == 60
+    assert g.seconds_left(140) == 0
