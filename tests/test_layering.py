@@ -32,6 +32,7 @@ CORE = [
     "statecast.core.session",
     "statecast.core.filters",
     "statecast.core.policy",
+    "statecast.core.values",
 ]
 IO = ["asyncio", "socket", "sqlite3", "aiohttp", "ssl", "selectors"]
 SERVER_SIDE = [

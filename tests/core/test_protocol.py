@@ -74,15 +74,16 @@ def test_id_is_echoed_on_validation_errors() -> None:
     assert info.value.request_id == "x9"
 
 
-def test_publish_batch_keeps_raw_values() -> None:
+def test_publish_batch_keeps_raw_values_made_compact() -> None:
+    """§9: values are kept as sent (numbers exactly as written), minus whitespace."""
     req = parse_request(
-        b'{"op":"publish","changes":[{"collection":"c","key":"k","value":{ "a" : [1, 2.5]}},'
+        b'{"op":"publish","changes":[{"collection":"c","key":"k","value":{ "a" :\t[1, 2.50]}},'
         b'{"collection":"c","key":"j","delete":true},{"collection":"c","key":"n","value":null}]}'
     )
     assert isinstance(req, PublishRequest)
     batch = prepare_changes(req)
     assert batch == [
-        ("c", "k", b'"k"', b'{ "a" : [1, 2.5]}'),
+        ("c", "k", b'"k"', b'{"a":[1,2.50]}'),
         ("c", "j", b'"j"', None),
         ("c", "n", b'"n"', b"null"),
     ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from msgspec import UNSET
+
 from statecast.core.state import Record
 
 __all__ = ["ChangeLog"]
@@ -40,11 +42,16 @@ class ChangeLog:
                 raise ValueError(f"change log gap: {rec.seq} after {self.last_seq}")
             self.last_seq = rec.seq
             if not cap:
+                rec.before = UNSET  # not retained: nobody catches up through it
                 continue
             if len(ring) < cap:
                 ring.append(rec)
             else:
-                ring[(rec.seq - self._base) % cap] = rec
+                i = (rec.seq - self._base) % cap
+                # The change falling out of the log lets go of the version it replaced,
+                # so versions chain only within the retained window (state.py, Record).
+                ring[i].before = UNSET
+                ring[i] = rec
         if not cap:
             self._base = self.last_seq + 1
 

@@ -14,6 +14,7 @@ from typing import Any, Final, TypeAlias
 import msgspec
 
 from statecast.core.frames import PROTOCOL_VERSION, RequestId
+from statecast.core.values import MAX_DEPTH, InvalidValue, canonical_value, check_text
 from statecast.errors import BadRequest
 
 __all__ = [
@@ -108,13 +109,23 @@ def _id_of(line: bytes) -> RequestId:
     """Best effort: the ``id`` of a request that failed validation, to echo it back."""
     try:
         obj = _any_decoder.decode(line)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     if isinstance(obj, dict):
         rid = obj.get("id")
         if isinstance(rid, int | str) and not isinstance(rid, bool):
             return rid
     return None
+
+
+def _undecodable(exc: Exception) -> str:
+    """§1, §9: why a line is not a request (msgspec raises UnicodeDecodeError for
+    invalid UTF-8 in a string and RecursionError past ~1000 levels of nesting)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "invalid UTF-8 in the request (§1: lines are UTF-8 JSON)"
+    if isinstance(exc, RecursionError):
+        return f"JSON nested too deeply (values may be nested at most {MAX_DEPTH} levels, §9)"
+    return f"malformed JSON: {exc}"
 
 
 def parse_request(line: bytes) -> Request:
@@ -135,8 +146,8 @@ def parse_request(line: bytes) -> Request:
         request: Request = _request_decoder.decode(stripped)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"invalid request: {exc}", request_id=_id_of(stripped)) from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest(_undecodable(exc)) from None
     rid = request.id
     if isinstance(request, SyncRequest | SubscribeRequest) and request.collections is not None:
         validate_collections(request.collections, rid)
@@ -161,8 +172,8 @@ def parse_publish_body(body: bytes) -> PublishRequest:
         req = _publish_body_decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"invalid publish body: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest(_undecodable(exc)) from None
     if req.op != "publish":
         raise BadRequest(f"'op' must be 'publish' here, not {req.op!r}")
     return PublishRequest(changes=req.changes, id=req.id)
@@ -208,6 +219,8 @@ def _check_target(collection: object, key: object, where: str) -> None:
         raise BadRequest(f"{where}: the key must be a non-empty string")
     if len(key) > MAX_KEY_LENGTH:
         raise BadRequest(f"{where}: the key is longer than {MAX_KEY_LENGTH} characters")
+    if not check_text(key):
+        raise BadRequest(f"{where}: the key is not valid Unicode text (a lone surrogate)")
 
 
 # Collection names seen valid before: most batches write a few collections, so the
@@ -245,8 +258,10 @@ def prepare_change(change: Change | Mapping[str, Any], where: str = "change") ->
     if delete:
         return (collection, key, _encode(key), None)
     try:
-        value_json = _encode(value)
-    except (TypeError, ValueError, OverflowError) as exc:
+        value_json = canonical_value(_encode(value))
+    except InvalidValue as exc:
+        raise BadRequest(f"{where}: invalid value: {exc}") from None
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise BadRequest(f"{where}: value is not JSON-serialisable: {exc}") from None
     return (collection, key, _encode(key), value_json)
 
@@ -274,6 +289,13 @@ def prepare_changes(
                 if not raw:
                     where = f"changes[{changes.changes.index(c)}]"
                     raise BadRequest(f"{where}: needs a 'value', or 'delete': true", request_id=rid)
+                try:
+                    # §9: stored values are compact, one-line, valid UTF-8 JSON; values
+                    # that already are pass through untouched (the fast path).
+                    raw = canonical_value(raw)
+                except InvalidValue as exc:
+                    where = f"changes[{changes.changes.index(c)}]"
+                    raise BadRequest(f"{where}: invalid value: {exc}", request_id=rid) from None
                 append((collection, key, _encode(key), raw))
         if not out:
             raise BadRequest("'changes' must not be empty", request_id=rid)

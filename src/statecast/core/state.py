@@ -55,10 +55,25 @@ class Record(msgspec.Struct, gc=False):
     line: bytes
     deleted: bool
     prev: Record | None = None
+    # The version this change replaced (None: the key did not exist), set when it is
+    # installed and kept while the change log retains this change: a where-filtered
+    # subscriber that catches up from the log needs it to tell a record moving out of
+    # its view from one that was never in it (§3.7). UNSET: not known (a change loaded
+    # from disk whose previous version is older than the retained log).
+    before: Record | msgspec.UnsetType | None = msgspec.UNSET
 
     def change_line(self) -> bytes:
         """The §4.2 ``change`` frame of this change."""
         return self.line if self.deleted else change_line_from_record_line(self.line)
+
+    def value_json(self) -> bytes | None:
+        """The JSON text of the value (None for a delete), sliced from the line: in
+        ``..."key":K,"value":V}\n`` the first ``,"value":`` ends the key, since a
+        key's JSON string cannot hold an unescaped quote."""
+        if self.deleted:
+            return None
+        line = self.line
+        return line[line.index(b',"value":') + 9 : -2]
 
     def __repr__(self) -> str:
         kind = "delete" if self.deleted else "upsert"
@@ -165,18 +180,19 @@ class State:
             pos = coll.index.get(key)
             if not rec.deleted:
                 if pos is None:
+                    rec.before = None
                     coll.index[key] = len(coll.slots)
                     coll.slots.append(rec)
                     coll.live += 1
                 else:
-                    old = coll.slots[pos]
+                    old = rec.before = coll.slots[pos]
                     if old.deleted:
                         coll.live += 1
                     if protect:
                         self._chain(rec, old)
                     coll.slots[pos] = rec
             elif pos is not None:
-                old = coll.slots[pos]
+                old = rec.before = coll.slots[pos]
                 if not old.deleted:
                     coll.live -= 1
                 if protect:
@@ -185,6 +201,8 @@ class State:
                     coll.tombstones.append(key)
                 else:
                     coll._swap_remove(key)
+            else:
+                rec.before = None  # a delete of a key that did not exist
         if records:
             self.seq = records[-1].seq
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Final
 
 import msgspec
+from msgspec import UNSET
 
 from statecast._version import __version__
 from statecast.core.changelog import ChangeLog
@@ -313,6 +314,9 @@ class SQLiteStore:
         self.state.load(records, seq)
         del records
         changelog = ChangeLog(self.retain, last_seq=start - 1)
+        # Each retained change learns the version it replaced when that version is
+        # retained too; the first change of a key in the log cannot (Record.before).
+        latest: dict[tuple[str, str], Record] = {}
         for first_seq, body in conn.execute(
             "SELECT first_seq, body FROM changes WHERE last_seq >= ? ORDER BY first_seq",
             (start,),
@@ -325,7 +329,10 @@ class SQLiteStore:
                     continue
                 # A retained upsert that is still the current record shares its object.
                 current = by_seq.get(s)
-                recs.append(current if current is not None else Record(s, c, k, line, deleted))
+                rec = current if current is not None else Record(s, c, k, line, deleted)
+                rec.before = latest.get((c, k), UNSET)
+                latest[(c, k)] = rec
+                recs.append(rec)
             self._extend_log(changelog, recs)
         if changelog.last_seq != seq:
             raise StoreError(
