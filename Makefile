@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo serve test lint typecheck pytest bench clean
+.PHONY: install browser services demo serve test lint typecheck pytest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,27 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "note: chromium is not installed and this is not root: the browser test will be skipped"; fi
 
+# Debian's PostgreSQL and NATS server: tests start private instances of them on free
+# ports in temporary directories (never the machine's shared ones). Installed when
+# missing and root; elsewhere the tests that need them say why they skip.
+services:
+	@missing=""; \
+	for pair in initdb:postgresql nats-server:nats-server; do \
+	  bin=$${pair%%:*}; pkg=$${pair##*:}; \
+	  if ! command -v $$bin >/dev/null && ! ls /usr/lib/postgresql/*/bin/$$bin >/dev/null 2>&1; then \
+	    missing="$$missing $$pkg"; fi; \
+	done; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's$$missing for the tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo "note:$$missing not installed and this is not root: the tests that need them will skip"; fi
+
 demo: install  ## run the server with the trading-desk demo producers
 	@echo "dashboard: http://127.0.0.1:8990/   TCP: nc localhost 8989 <<< 'sync me'"
 	$(BIN)/statecast serve --demo
 
-test: install browser lint typecheck pytest  ## everything CI runs
+test: install browser services lint typecheck pytest  ## everything CI runs
 
 lint: install
 	$(BIN)/ruff check src tests bench
