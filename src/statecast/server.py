@@ -81,7 +81,7 @@ class Server:
         self._stopped: asyncio.Event | None = None
         self._loop_thread: LoopThread | None = None
         self.stopping = False
-        self.ready = False  # serving: the store is loaded and we are not stopping
+        self._serving = False  # listening, and not stopping
         self._started_at = 0.0
         self._engine_callbacks: list[Callable[[Engine], object]] = []
         self._http: web.AppRunner | None = None
@@ -126,6 +126,7 @@ class Server:
         await asyncio.to_thread(store.open, loop.call_soon_threadsafe)
         self._store = store
         self._engine = Engine(store, FlushPacer(loop, cfg.flush_interval).schedule)
+        store.start(self._engine.install)
         for callback in self._engine_callbacks:
             callback(self._engine)
         self._inbox = PublishInbox(loop, self._apply_inbox)
@@ -138,7 +139,7 @@ class Server:
             backlog=4096,
         )
         self._heartbeat_task = loop.create_task(self._heartbeats(), name="statecast-heartbeat")
-        self.ready = True
+        self._serving = True
         log.info(
             "statecast %s listening on tcp://%s:%d (store %s, seq %d, %d records, epoch %s)",
             self.version,
@@ -159,7 +160,7 @@ class Server:
             await self._stopped.wait()
             return
         self.stopping = True
-        self.ready = False
+        self._serving = False
         grace = self.config.shutdown_grace if grace is None else grace
         assert self._listener is not None
         assert self._inbox is not None
@@ -302,6 +303,11 @@ class Server:
             return False
 
     # -- state -----------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Serving: the store is loaded (and caught up), and the server is not stopping."""
+        return self._serving and self._store is not None and self._store.ready
+
     @property
     def engine(self) -> Engine:
         if self._engine is None:

@@ -57,14 +57,20 @@ class Engine:
                 assert error is not None
                 done(error)
                 return
-            store = self.store
-            store.state.install(records)
-            store.log.extend(records)
-            self.changes_published += len(records)
-            self.fanout.publish(records)
+            self.install(records)
             done(records[-1].seq)
 
         self.store.submit(batch, committed)
+
+    def install(self, records: list[Record]) -> None:
+        """A committed batch becomes part of the state and the log, and is queued for
+        subscribers: at once, whole (§5.3). Also the store's ``Install`` callback, for
+        batches committed elsewhere (another node of a cluster)."""
+        store = self.store
+        store.state.install(records)
+        store.log.extend(records)
+        self.changes_published += len(records)
+        self.fanout.publish(records)
 
     def snapshot(self, selection: Selection) -> Snapshot:
         """A snapshot at the current seq.

@@ -18,13 +18,16 @@ from statecast.core.protocol import PreparedChange
 from statecast.core.state import Record, State
 from statecast.errors import ProtocolError
 
-__all__ = ["Committed", "Store", "ToLoop", "new_epoch"]
+__all__ = ["Committed", "Install", "Store", "ToLoop", "new_epoch"]
 
 # Called on the loop thread, in publish order, once a batch is committed (records,
 # None) or has failed (None, error).
 Committed = Callable[[list[Record] | None, ProtocolError | None], None]
 # Runs a callable on the loop thread, from any thread (loop.call_soon_threadsafe).
 ToLoop = Callable[[Callable[[], None]], object]
+# Installs a batch that was committed without a submit of this process (another node
+# of a cluster wrote it, §5.3 still holds: whole batches, in seq order). Loop thread.
+Install = Callable[[list[Record]], None]
 
 
 def new_epoch() -> str:
@@ -37,8 +40,18 @@ class Store(Protocol):
     epoch: str
     description: str  # for people: "memory", "sqlite:/var/lib/statecast/statecast.db"
 
+    @property
+    def ready(self) -> bool:
+        """Caught up with what the store holds (``/readyz``); a store that follows
+        others (a cluster) is not ready until it has caught up with them."""
+
     def open(self, to_loop: ToLoop) -> None:
         """Load what the store holds. Called once, in a worker thread, before serving."""
+
+    def start(self, install: Install) -> None:
+        """Begin serving (loop thread, once the engine exists). A store whose batches
+        may be committed elsewhere hands them to ``install``, in seq order; the others
+        never call it."""
 
     def submit(self, batch: Sequence[PreparedChange], done: Committed) -> None:
         """Commit one validated batch (loop thread). ``done`` is called on the loop

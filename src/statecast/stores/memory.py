@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from statecast.core.changelog import ChangeLog
 from statecast.core.protocol import PreparedChange
 from statecast.core.state import State, encode_batch
-from statecast.core.store import Committed, ToLoop, new_epoch
+from statecast.core.store import Committed, Install, ToLoop, new_epoch
 
 __all__ = ["MemoryStore"]
 
@@ -21,6 +21,11 @@ class MemoryStore:
         self.state = State()
         self.log = ChangeLog(retain)
         self.epoch = new_epoch()
+
+    ready = True  # everything it holds is loaded by open()
+
+    def start(self, install: Install) -> None:
+        pass  # every batch is committed through submit()
 
     def open(self, to_loop: ToLoop) -> None:
         pass

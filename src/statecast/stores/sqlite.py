@@ -41,7 +41,7 @@ from statecast._version import __version__
 from statecast.core.changelog import ChangeLog
 from statecast.core.protocol import PreparedChange
 from statecast.core.state import Record, State, encode_batch
-from statecast.core.store import Committed, ToLoop, new_epoch
+from statecast.core.store import Committed, Install, ToLoop, new_epoch
 from statecast.errors import InternalError, StoreError, Unavailable
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
@@ -129,6 +129,11 @@ class SQLiteStore:
         self._stop_checkpoints = threading.Event()
 
     # -- opening ---------------------------------------------------------------
+    ready = True  # everything it holds is loaded by open()
+
+    def start(self, install: Install) -> None:
+        pass  # every batch is committed through submit()
+
     def open(self, to_loop: ToLoop) -> None:
         self._to_loop = to_loop
         t0 = time.monotonic()
