@@ -4,11 +4,13 @@ helper. Shared by the core tests; no sockets, no event loop."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from statecast.core.engine import Engine
 from statecast.core.protocol import Change, prepare_changes
-from statecast.core.session import Session
+from statecast.core.session import Limits, Session
 from statecast.errors import ProtocolError
 from statecast.stores.memory import MemoryStore
 from tests.helpers import Frame, frames_of
@@ -23,9 +25,10 @@ class Peer:
     so ``wire`` holds the bytes in the order a socket would carry them.
     """
 
-    def __init__(self, engine: Engine, max_line: int = 1 << 20) -> None:
+    def __init__(self, engine: Engine, max_line: int = 1 << 20, **options: Any) -> None:
         self.wire = bytearray()
-        self.session = Session(engine, self, max_line=max_line, version="test")
+        options.setdefault("limits", Limits(max_line=max_line))
+        self.session = Session(engine, self, version="test", **options)
         self._read = 0
         self.collect()
 
@@ -39,6 +42,10 @@ class Peer:
     def send(self, request: Frame | bytes) -> None:
         data = request if isinstance(request, bytes) else msgspec.json.encode(request) + b"\n"
         self.session.receive_data(data)
+        self.collect()
+
+    def tick(self) -> None:
+        self.session.tick()
         self.collect()
 
     def pump(self, step: int = 1 << 20) -> None:

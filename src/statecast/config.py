@@ -9,14 +9,26 @@ defaults: an embedded ``Server()`` and ``statecast serve`` behave the same
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 from statecast.errors import ConfigError
 
-__all__ = ["Config"]
+__all__ = ["Config", "is_loopback"]
 
 MiB = 1024 * 1024
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,36 +37,81 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8989  # 0 picks a free port (tests)
     http_port: int | None = 8990  # WebSocket, HTTP API, metrics, dashboard; 0: any; None: off
+    tls_cert: str | None = None  # PEM certificate chain: TLS on the TCP and HTTP ports
+    tls_key: str | None = None  # its PEM private key
+    insecure: bool = False  # allow listening beyond loopback without auth
+
+    # Access (docs/security.md, protocol §3.8)
+    auth_secret: str | None = None  # HS256 tokens: the shared secret (>= 32 bytes)
+    auth_public_key: str | None = None  # RS256/ES256 tokens: a PEM public key file
 
     # State
-    store: str = "sqlite"  # "sqlite" (in data_dir), "sqlite:PATH" or "memory"
+    store: str = "sqlite"  # "sqlite" (in data_dir), "sqlite:PATH", "memory", "nats://H:P[,H:P]"
     data_dir: str = "."  # where "sqlite" keeps statecast.db
     sqlite_synchronous: Literal["full", "normal"] = "full"  # see docs/durability.md
     sqlite_busy_timeout: float = 2.0  # seconds a commit waits for another process's lock
     retain: int = 1_000_000  # changes kept for resume (§3.2)
+    nats_stream: str = "statecast"  # the JetStream stream of a nats:// store (docs/cluster.md)
+    nats_creds: str | None = None  # a NATS credentials file (JWT + nkey)
+    nats_ca_file: str | None = None  # CA bundle for tls:// NATS servers
 
     # Limits
     max_pending: int = 8 * MiB  # output bytes waiting for one subscriber (§7)
     max_line: int = 1 * MiB  # longest request line (§1)
+    max_changes: int | None = 100_000  # changes in one publish (§9)
+    max_value: int | None = None  # bytes of one value (None: max_line bounds it)
+    max_connections_per_user: int | None = None  # per token 'sub', with auth (§7)
+    max_request_rate: float | None = None  # requests/s per connection, sustained (§7)
+    request_burst: int = 1000  # ... and at once
 
     # Timeouts
     heartbeat: float | None = 10.0  # seconds of silence before a heartbeat; None: off
     flush_interval: float = 0.0  # least seconds between two fan-out flushes (§7)
     shutdown_grace: float = 5.0  # seconds for output to drain on shutdown (§8)
+    auth_timeout: float = 10.0  # seconds a connection has to authenticate, with auth (§3.8)
 
     # Extras
     demo: bool = False  # run the trading-desk demo producers
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @property
+    def auth(self) -> bool:
+        """Whether connections must present an access token."""
+        return self.auth_secret is not None or self.auth_public_key is not None
+
     def __post_init__(self) -> None:
+        self._check_network()
+        self._check_store()
+        self._check_limits()
+
+    def _check_network(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, not {self.port}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ConfigError(f"http_port must be 0..65535 (or None), not {self.http_port}")
-        if self.store not in ("memory", "sqlite") and not self.store.startswith("sqlite:"):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both tls_cert and tls_key (--tls-cert, --tls-key)")
+        if self.auth_secret is not None and self.auth_public_key is not None:
+            raise ConfigError("use auth_secret (HS256) or auth_public_key (RS256/ES256), not both")
+        if not self.auth and not self.insecure and not is_loopback(self.host):
             raise ConfigError(
-                f"unknown store {self.store!r}: use 'memory', 'sqlite' or 'sqlite:PATH'"
+                f"listening on {self.host!r} without access tokens would let anyone who "
+                "reaches the port read and write everything: configure --auth-secret or "
+                "--auth-public-key (docs/security.md), or say --insecure"
+            )
+
+    def _check_store(self) -> None:
+        if self.store not in ("memory", "sqlite") and not self.store.startswith(
+            ("sqlite:", "nats://", "tls://")
+        ):
+            raise ConfigError(
+                f"unknown store {self.store!r}: use 'sqlite', 'sqlite:PATH', 'memory' or "
+                "'nats://HOST:PORT[,HOST:PORT...]'"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.nats_stream):
+            raise ConfigError(
+                f"nats_stream must be 1 to 64 of A-Z a-z 0-9 _ -, not {self.nats_stream!r}"
             )
         if self.sqlite_synchronous not in ("full", "normal"):
             raise ConfigError(
@@ -62,16 +119,30 @@ class Config:
             )
         if self.retain < 0:
             raise ConfigError(f"retain must be >= 0, not {self.retain}")
+
+    def _check_limits(self) -> None:
         if self.max_pending < 64 * 1024:
             raise ConfigError(f"max_pending must be at least 65536 bytes, not {self.max_pending}")
         if self.max_line < 1024:
             raise ConfigError(f"max_line must be at least 1024 bytes, not {self.max_line}")
+        for name in ("max_changes", "max_value", "max_connections_per_user"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 (or None: no limit), not {value}")
+        if self.max_request_rate is not None and self.max_request_rate <= 0:
+            raise ConfigError(
+                f"max_request_rate must be > 0 (or None), not {self.max_request_rate}"
+            )
+        if self.request_burst < 1:
+            raise ConfigError(f"request_burst must be >= 1, not {self.request_burst}")
         if self.heartbeat is not None and self.heartbeat <= 0:
             raise ConfigError(f"heartbeat must be > 0 seconds (or None), not {self.heartbeat}")
         if not 0 <= self.flush_interval <= 1:
             raise ConfigError(f"flush_interval must be 0 to 1 seconds, not {self.flush_interval}")
         if self.shutdown_grace < 0:
             raise ConfigError(f"shutdown_grace must be >= 0, not {self.shutdown_grace}")
+        if self.auth_timeout <= 0:
+            raise ConfigError(f"auth_timeout must be > 0 seconds, not {self.auth_timeout}")
 
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

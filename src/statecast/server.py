@@ -33,12 +33,20 @@ from statecast.config import Config
 from statecast.core.engine import Engine
 from statecast.core.fanout import Subscriber
 from statecast.core.pacing import FlushPacer
+from statecast.core.policy import Grant
 from statecast.core.protocol import Change, PreparedChange, prepare_changes
 from statecast.core.session import Session
 from statecast.core.store import Store
 from statecast.errors import ProtocolError, ServerStateError, ShuttingDown
 from statecast.inbox import Item, PublishInbox
 from statecast.loops import LoopThread
+from statecast.security import (
+    UserConnections,
+    limits_of,
+    server_ssl_context,
+    verifier_of,
+    warn_if_open,
+)
 from statecast.stores import open_store
 from statecast.transports.base import Connections
 from statecast.transports.http import make_app
@@ -87,6 +95,12 @@ class Server:
         self._http: web.AppRunner | None = None
         self._http_site: web.TCPSite | None = None
         self.clock = 0.0  # loop time, refreshed by the heartbeat timer
+        # Access control and TLS (security.py); checked here, so that a bad key file
+        # fails the constructor, not the first connection.
+        self.verifier = verifier_of(self.config)
+        self.ssl = server_ssl_context(self.config)
+        self.limits = limits_of(self.config)
+        self.users = UserConnections(self.config.max_connections_per_user)
 
     # -- lifecycle (event loop) ----------------------------------------------
     async def start(self) -> None:
@@ -101,9 +115,14 @@ class Server:
             # HTTP first: /healthz and /readyz answer while the store loads.
             self._http = web.AppRunner(make_app(self), access_log=None)
             await self._http.setup()
-            self._http_site = web.TCPSite(self._http, cfg.host, cfg.http_port, reuse_address=True)
+            self._http_site = web.TCPSite(
+                self._http, cfg.host, cfg.http_port, reuse_address=True, ssl_context=self.ssl
+            )
             await self._http_site.start()
-            log.info("HTTP on http://%s:%d (dashboard, /ws, /metrics)", cfg.host, self.http_port)
+            scheme = "https" if self.ssl else "http"
+            log.info(
+                "HTTP on %s://%s:%d (dashboard, /ws, /metrics)", scheme, cfg.host, self.http_port
+            )
         try:
             await self._open_and_listen(loop)
         except BaseException:
@@ -137,18 +156,22 @@ class Server:
             cfg.port,
             reuse_address=True,
             backlog=4096,
+            ssl=self.ssl,
         )
         self._heartbeat_task = loop.create_task(self._heartbeats(), name="statecast-heartbeat")
         self._serving = True
+        warn_if_open(cfg)
         log.info(
-            "statecast %s listening on tcp://%s:%d (store %s, seq %d, %d records, epoch %s)",
+            "statecast %s listening on %s://%s:%d (store %s, seq %d, %d records, epoch %s%s)",
             self.version,
+            "tls" if self.ssl else "tcp",
             cfg.host,
             self.port,
             store.description,
             store.state.seq,
             len(store.state),
             store.epoch,
+            ", access tokens required" if self.verifier else "",
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -331,13 +354,24 @@ class Server:
             raise ServerStateError("the HTTP port is not open")
         return int(sockets[0].getsockname()[1])
 
-    def new_session(self, subscriber: Subscriber, *, wakeup: Callable[[], None]) -> Session:
-        """The protocol state of a new connection, whatever its transport."""
+    def new_session(
+        self,
+        subscriber: Subscriber,
+        *,
+        wakeup: Callable[[], None],
+        grant: Grant | None = None,
+    ) -> Session:
+        """The protocol state of a new connection, whatever its transport; ``grant``
+        when the transport authenticated it already (an HTTP Authorization header)."""
         return Session(
             self.engine,
             subscriber,
-            max_line=self.config.max_line,
             version=self.version,
+            limits=self.limits,
+            auth=self.verifier,
+            grant=grant,
+            admit=self.users.admit,
+            release=self.users.release,
             wakeup=wakeup,
             stats=self.stats,
         )
@@ -394,9 +428,15 @@ class Server:
         while True:
             await asyncio.sleep(tick)
             self.clock = now = loop.time()
-            if interval is None:
-                continue
             for conn in self.connections:
                 session = conn.session
-                if session is not None and session.joined and now - conn.last_send >= interval:
+                if session is None:
+                    continue
+                session.tick()  # token expiry, auth timeout (§3.8)
+                if (
+                    interval is not None
+                    and session.joined
+                    and not session.closing
+                    and now - conn.last_send >= interval
+                ):
                     conn.send_heartbeat()

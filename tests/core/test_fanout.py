@@ -3,6 +3,7 @@ from __future__ import annotations
 from statecast.core.fanout import Fanout
 from statecast.core.protocol import Change, prepare_changes
 from statecast.core.state import State
+from statecast.core.view import View
 from tests.helpers import FakeSubscriber
 
 
@@ -12,7 +13,7 @@ def test_one_blob_per_group_per_flush_shared_by_all() -> None:
     state = State()
     subs = [FakeSubscriber() for _ in range(5)]
     for s in subs:
-        fan.join(s, None)
+        fan.join(s, View())
     fan.publish(state.apply(prepare_changes([Change("a", "1", 1), Change("b", "1", 2)])))
     fan.publish(state.apply(prepare_changes([Change("a", "2", 3)])))
     assert scheduled == [fan.flush]  # one flush scheduled for both publishes
@@ -28,9 +29,9 @@ def test_groups_by_selection() -> None:
     fan = Fanout()
     state = State()
     only_a, a_and_b, everything = FakeSubscriber(), FakeSubscriber(), FakeSubscriber()
-    fan.join(only_a, frozenset({"a"}))
-    fan.join(a_and_b, frozenset({"a", "b"}))
-    fan.join(everything, None)
+    fan.join(only_a, View(frozenset({"a"})))
+    fan.join(a_and_b, View(frozenset({"a", "b"})))
+    fan.join(everything, View())
     fan.publish(
         state.apply(
             prepare_changes([Change("a", "1", 1), Change("b", "1", 2), Change("c", "1", 3)])
@@ -50,9 +51,9 @@ def test_leave_and_nobody_listening() -> None:
     sub = FakeSubscriber()
     fan.publish(state.apply(prepare_changes([Change("a", "1", 1)])))
     assert fan.flushed_seq == 1  # nothing queued with no subscriber
-    fan.join(sub, None)
-    fan.leave(sub, None)
-    fan.leave(sub, None)
+    fan.join(sub, View())
+    fan.leave(sub, View())
+    fan.leave(sub, View())
     fan.publish(state.apply(prepare_changes([Change("a", "1", 2)])))
     fan.flush()
     assert sub.blobs == []
@@ -64,7 +65,7 @@ def test_delete_frames() -> None:
     fan = Fanout()
     state = State()
     sub = FakeSubscriber()
-    fan.join(sub, None)
+    fan.join(sub, View())
     fan.publish(state.apply(prepare_changes([Change("a", "1", 1), Change("a", "1", delete=True)])))
     fan.flush()
     assert sub.frames() == [

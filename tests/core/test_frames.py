@@ -14,6 +14,7 @@ from statecast.core.frames import (
     PROTOCOL_VERSION,
     RECORD_LINE,
     Ack,
+    Authed,
     Bye,
     ChangeFrame,
     ErrorFrame,
@@ -87,6 +88,16 @@ GOLDEN: list[tuple[Frame, bytes]] = [
     (
         ChangeFrame(5, "orders", "O-1", deleted=True),
         b'{"type":"change","seq":5,"collection":"orders","key":"O-1","deleted":true}\n',
+    ),
+    # New in 0.2 (§3.8).
+    (
+        Authed("alice", ["orders", "positions"], {"account": "ACC-1"}, [], 1700000000, 1),
+        b'{"type":"authed","sub":"alice","read":["orders","positions"],'
+        b'"where":{"account":"ACC-1"},"publish":[],"exp":1700000000,"id":1}\n',
+    ),
+    (
+        Authed("engine", "*", None, "*", None),
+        b'{"type":"authed","sub":"engine","read":"*","where":null,"publish":"*","exp":null}\n',
     ),
     (
         STATS,

@@ -94,9 +94,39 @@ def main() -> None:
     help="HTTP port: dashboard, /ws, /v1/*, /metrics, /healthz (0: any free port; off).",
 )
 @option(
+    "--tls-cert",
+    default=_defaults.tls_cert,
+    type=click.Path(dir_okay=False, exists=True),
+    help="PEM certificate (chain): TLS on the TCP and HTTP ports (with --tls-key).",
+)
+@option(
+    "--tls-key",
+    default=_defaults.tls_key,
+    type=click.Path(dir_okay=False, exists=True),
+    help="PEM private key of --tls-cert.",
+)
+@option(
+    "--insecure",
+    is_flag=True,
+    default=_defaults.insecure,
+    help="Allow listening beyond loopback without access tokens (anyone reads everything).",
+)
+@option(
+    "--auth-secret",
+    default=_defaults.auth_secret,
+    help="Require HS256 access tokens signed with this secret (>= 32 bytes; docs/security.md).",
+)
+@option(
+    "--auth-public-key",
+    default=_defaults.auth_public_key,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Require RS256/ES256 access tokens that this PEM public key verifies.",
+)
+@option(
     "--store",
     default=_defaults.store,
-    help="Where the state lives: 'sqlite' (DATA_DIR/statecast.db), 'sqlite:PATH' or 'memory'.",
+    help="Where the state lives: 'sqlite' (DATA_DIR/statecast.db), 'sqlite:PATH', 'memory', "
+    "or 'nats://HOST:PORT[,HOST:PORT...]' (a cluster, docs/cluster.md).",
 )
 @option(
     "--data-dir",
@@ -118,12 +148,59 @@ def main() -> None:
 )
 @option("--retain", default=_defaults.retain, type=int, help="Changes kept for resume.")
 @option(
+    "--nats-stream",
+    default=_defaults.nats_stream,
+    help="The JetStream stream of a nats:// store (docs/cluster.md).",
+)
+@option(
+    "--nats-creds",
+    default=_defaults.nats_creds,
+    type=click.Path(dir_okay=False),
+    help="NATS credentials file (JWT and nkey) for a nats:// store.",
+)
+@option(
+    "--nats-ca-file",
+    default=_defaults.nats_ca_file,
+    type=click.Path(dir_okay=False),
+    help="CA bundle to verify tls:// NATS servers.",
+)
+@option(
     "--max-pending",
     default=_defaults.max_pending,
     type=SizeType(),
     help="Output bytes that may wait for one subscriber before it is cut off (8M, 512K).",
 )
 @option("--max-line", default=_defaults.max_line, type=SizeType(), help="Longest request line.")
+@option(
+    "--max-changes",
+    default=_defaults.max_changes,
+    type=OffType(int, zero_is_off=True),
+    help="Most changes in one publish (off: no limit).",
+)
+@option(
+    "--max-value",
+    default=_defaults.max_value,
+    type=OffType(int, zero_is_off=True),
+    help="Most bytes of one value (off: --max-line bounds it).",
+)
+@option(
+    "--max-connections-per-user",
+    default=_defaults.max_connections_per_user,
+    type=OffType(int, zero_is_off=True),
+    help="Most connections of one token subject ('sub'), with auth (off: no limit).",
+)
+@option(
+    "--max-request-rate",
+    default=_defaults.max_request_rate,
+    type=OffType(float, zero_is_off=True),
+    help="Requests per second one connection may sustain (off: no limit).",
+)
+@option(
+    "--request-burst",
+    default=_defaults.request_burst,
+    type=int,
+    help="Requests one connection may send at once under --max-request-rate.",
+)
 @option(
     "--heartbeat",
     default=_defaults.heartbeat,
@@ -141,6 +218,12 @@ def main() -> None:
     default=_defaults.shutdown_grace,
     type=float,
     help="Seconds that output may take to drain on shutdown.",
+)
+@option(
+    "--auth-timeout",
+    default=_defaults.auth_timeout,
+    type=float,
+    help="Seconds a connection has to authenticate, with auth on.",
 )
 @option(
     "--demo",

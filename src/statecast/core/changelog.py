@@ -24,6 +24,9 @@ class ChangeLog:
         self._base = last_seq + 1  # the seq stored at ring position 0
         self._ring: list[Record] = []
         self.last_seq = last_seq
+        # Changes up to this seq may not know the version they replaced (they were
+        # loaded from disk: state.py, Record.before).
+        self.unknown_until = 0
 
     @property
     def first_seq(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Sequence
 
-from statecast.core.fanout import Fanout, Selection
+from statecast.core.fanout import Fanout
 from statecast.core.protocol import PreparedChange
 from statecast.core.state import Record, Snapshot
 from statecast.core.store import Store
@@ -34,6 +34,8 @@ class Engine:
         self.publishes_failed = 0
         self.snapshots = 0  # snapshots started, on any transport
         self.errors: collections.Counter[str] = collections.Counter()  # error frames by code
+        # Requests refused by a limit (§7), by limit: statecast_limit_hits_total.
+        self.limit_hits: collections.Counter[str] = collections.Counter()
 
     @property
     def seq(self) -> int:
@@ -72,7 +74,7 @@ class Engine:
         self.changes_published += len(records)
         self.fanout.publish(records)
 
-    def snapshot(self, selection: Selection) -> Snapshot:
+    def snapshot(self, selection: frozenset[str] | None) -> Snapshot:
         """A snapshot at the current seq.
 
         Queued changes are flushed first, so that ``flushed_seq == seq``: a

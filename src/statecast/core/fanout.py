@@ -1,11 +1,18 @@
 """Fan-out: every change encoded once, then handed to subscribers in few writes.
 
-Subscribers are grouped by what they select (docs/protocol.md §3.1, §3.2): all
-collections, or a set of them. Changes applied since the last flush are joined into
-one blob per group, and each subscriber of the group gets that one blob: one
-``deliver`` (one socket write) per subscriber per flush, however many changes the
-flush holds. A batch is never split across flushes, so its frames reach each
-subscriber back to back (§5.3). No I/O: the transports implement :class:`Subscriber`.
+Subscribers are grouped by their :class:`~statecast.core.view.View`: the collections
+and the where filter they chose (docs/protocol.md §3.1, §3.2, §3.7). Changes applied
+since the last flush are joined into one blob per view, and each subscriber of the
+view gets that one blob: one ``deliver`` (one socket write) per subscriber per flush,
+however many changes the flush holds. A batch is never split across flushes, so its
+frames reach each subscriber back to back (§5.3). No I/O: the transports implement
+:class:`Subscriber`.
+
+Where filters are evaluated once per change and distinct filter, never per
+subscriber (:class:`~statecast.core.filters.FilterSet`): for each change the flush
+knows whether the record was in each filter's view before (the version it replaced,
+``Record.before``) and whether it is now, and sends the change, a delete (it moved
+out), or nothing (§3.7).
 """
 
 from __future__ import annotations
@@ -14,19 +21,24 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Protocol
 
+from msgspec.json import encode as _encode_json
+
+from statecast.core.filters import FilterSet, Where
+from statecast.core.frames import delete_line
 from statecast.core.state import Record
+from statecast.core.view import View
 
-__all__ = ["Fanout", "Selection", "Subscriber"]
-
-# What a subscription selects: None for every collection, else a set of names.
-# Later filters (e.g. on record fields) extend this key; subscribers with equal
-# selections share one group and one filtered blob.
-Selection = frozenset[str] | None
+__all__ = ["Fanout", "Subscriber"]
 
 
 class Subscriber(Hashable, Protocol):
     def deliver(self, blob: bytes) -> None:
         """Send ``blob`` (whole frames) or drop the subscription; must not raise."""
+
+
+def _before_json(rec: Record | None) -> bytes | None:
+    """The value the version a change replaced held (None: absent or deleted)."""
+    return None if rec is None else rec.value_json()
 
 
 class Fanout:
@@ -36,7 +48,11 @@ class Fanout:
         self._schedule = schedule
         self._scheduled = False
         self._pending: list[Record] = []
-        self._groups: dict[Selection, dict[Subscriber, None]] = {}
+        # The version each pending change replaced, taken when it was queued: the
+        # change log lets go of it once the change falls out of the log.
+        self._pending_before: list[Record | None] = []
+        self._groups: dict[View, dict[Subscriber, None]] = {}
+        self._filters = FilterSet()  # the distinct where filters of the groups
         self.flushed_seq = 0  # every change <= this has been handed to subscribers
         self.deliveries = 0  # change frames handed to subscribers, in total
         self.bytes_delivered = 0
@@ -49,17 +65,32 @@ class Fanout:
     def subscriber_count(self) -> int:
         return sum(len(g) for g in self._groups.values())
 
-    def join(self, sub: Subscriber, selection: Selection) -> None:
-        """Add a subscriber that has every change up to ``flushed_seq`` already."""
-        self._groups.setdefault(selection, {})[sub] = None
+    @property
+    def views(self) -> int:
+        """Distinct views: blobs built per flush."""
+        return len(self._groups)
 
-    def leave(self, sub: Subscriber, selection: Selection) -> None:
-        group = self._groups.get(selection)
+    def join(self, sub: Subscriber, view: View) -> None:
+        """Add a subscriber that has every change up to ``flushed_seq`` already."""
+        group = self._groups.get(view)
+        if group is None:
+            group = self._groups[view] = {}
+            if view.where is not None:
+                self._refilter()
+        group[sub] = None
+
+    def leave(self, sub: Subscriber, view: View) -> None:
+        group = self._groups.get(view)
         if group is None:
             return
         group.pop(sub, None)
         if not group:
-            del self._groups[selection]
+            del self._groups[view]
+            if view.where is not None:
+                self._refilter()
+
+    def _refilter(self) -> None:
+        self._filters.update({v.where for v in self._groups if v.where is not None})
 
     def publish(self, records: Sequence[Record]) -> None:
         """Queue changes just applied to the state, in seq order."""
@@ -73,6 +104,9 @@ class Fanout:
         if not self._pending:
             self._pending_since = time.perf_counter()
         self._pending.extend(records)
+        self._pending_before.extend(
+            [b if isinstance(b, Record) else None for b in (r.before for r in records)]
+        )
         if not self._scheduled and self._schedule is not None:
             self._scheduled = True
             self._schedule(self.flush)
@@ -83,20 +117,34 @@ class Fanout:
         records = self._pending
         if not records:
             return
+        befores = self._pending_before
         self._pending = []
+        self._pending_before = []
         self.flushed_seq = records[-1].seq
         lines = [r.change_line() for r in records]  # encode once, for everyone
         everything: bytes | None = None
-        for selection, group in list(self._groups.items()):
-            if selection is None:
+        filtered: dict[Where, list[int]] | None = None
+        for view, group in list(self._groups.items()):
+            cols, where = view.collections, view.where
+            if where is not None:
+                if filtered is None:
+                    filtered = self._moves(records, befores)
+                picked = [
+                    lines[i] if i >= 0 else _delete_line(records[~i])
+                    for i in filtered[where]
+                    if cols is None or records[i if i >= 0 else ~i].collection in cols
+                ]
+                if not picked:
+                    continue
+                blob = b"".join(picked)
+                n = len(picked)
+            elif cols is None:
                 if everything is None:
                     everything = b"".join(lines)
                 blob = everything
                 n = len(lines)
             else:
-                picked = [
-                    ln for r, ln in zip(records, lines, strict=True) if r.collection in selection
-                ]
+                picked = [ln for r, ln in zip(records, lines, strict=True) if r.collection in cols]
                 if not picked:
                     continue
                 blob = b"".join(picked)
@@ -108,3 +156,30 @@ class Fanout:
                 sub.deliver(blob)
         if self.on_flush is not None:
             self.on_flush(time.perf_counter() - self._pending_since)
+
+    def _moves(self, records: list[Record], befores: list[Record | None]) -> dict[Where, list[int]]:
+        """For each distinct filter, what its subscribers get of this flush, in order:
+        ``i`` for the change frame of ``records[i]`` (in view now), ``~i`` for a
+        delete of its key (it moved out), nothing when it was never in view (§3.7)."""
+        fs = self._filters
+        filters = fs.filters
+        out: dict[Where, list[int]] = {w: [] for w in filters}
+        outs = [out[w] for w in filters]
+        vector = fs.vector
+        for i, rec in enumerate(records):
+            now = vector(rec.value_json())
+            was = vector(_before_json(befores[i]))
+            for j, lst in enumerate(outs):
+                if now[j]:
+                    lst.append(i)
+                elif was[j]:
+                    lst.append(~i)
+        return out
+
+
+def _delete_line(rec: Record) -> bytes:
+    """§3.7: the change frame a filtered subscriber gets when a record moves out of its
+    view (for a delete, the change itself)."""
+    if rec.deleted:
+        return rec.line
+    return delete_line(rec.seq, rec.collection, _encode_json(rec.key))

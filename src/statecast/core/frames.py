@@ -28,6 +28,7 @@ __all__ = [
     "RECORD_LINE",
     "RECORD_PREFIX",
     "Ack",
+    "Authed",
     "Bye",
     "ChangeFrame",
     "ErrorFrame",
@@ -114,6 +115,18 @@ class Heartbeat(msgspec.Struct, tag_field="type", tag="heartbeat"):
     seq: int
 
 
+class Authed(msgspec.Struct, tag_field="type", tag="authed", omit_defaults=True):
+    """§3.8: the token is accepted; what it grants (``read``/``publish``: ``"*"`` or a
+    list of collections, ``[]`` for none; ``exp``: unix time)."""
+
+    sub: str
+    read: str | list[str]
+    where: dict[str, Any] | None
+    publish: str | list[str]
+    exp: int | None
+    id: RequestId = None
+
+
 class Ack(msgspec.Struct, tag_field="type", tag="ack", omit_defaults=True):
     """§3.3: a publish is applied; ``seq`` is its last change's."""
 
@@ -167,6 +180,7 @@ class Bye(msgspec.Struct, tag_field="type", tag="bye"):
 
 Frame: TypeAlias = (
     Hello
+    | Authed
     | SnapshotBegin
     | Record
     | SnapshotEnd

@@ -19,6 +19,7 @@ from statecast.errors import BadRequest
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "AuthRequest",
     "Change",
     "PingRequest",
     "PreparedChange",
@@ -28,6 +29,7 @@ __all__ = [
     "StatsRequest",
     "SubscribeRequest",
     "SyncRequest",
+    "op_of",
     "parse_publish_body",
     "parse_request",
     "prepare_change",
@@ -60,6 +62,7 @@ class SyncRequest(msgspec.Struct, tag_field="op", tag="sync"):
     id: RequestId = None
     collections: list[str] | None = None
     live: bool = False
+    where: Any = None  # §3.7, checked by filters.parse_where
 
 
 class SubscribeRequest(msgspec.Struct, tag_field="op", tag="subscribe"):
@@ -69,12 +72,20 @@ class SubscribeRequest(msgspec.Struct, tag_field="op", tag="subscribe"):
     collections: list[str] | None = None
     from_: int | None = msgspec.field(default=None, name="from")
     epoch: str | None = None
+    where: Any = None  # §3.7, checked by filters.parse_where
 
 
 class PublishRequest(msgspec.Struct, tag_field="op", tag="publish"):
     """§3.3 ``publish``: one atomic batch of changes."""
 
     changes: list[ChangeIn]
+    id: RequestId = None
+
+
+class AuthRequest(msgspec.Struct, tag_field="op", tag="auth"):
+    """§3.8 ``auth``: present an access token (first, or to refresh it)."""
+
+    token: str
     id: RequestId = None
 
 
@@ -90,7 +101,9 @@ class StatsRequest(msgspec.Struct, tag_field="op", tag="stats"):
     id: RequestId = None
 
 
-Request: TypeAlias = SyncRequest | SubscribeRequest | PublishRequest | PingRequest | StatsRequest
+Request: TypeAlias = (
+    SyncRequest | SubscribeRequest | PublishRequest | PingRequest | StatsRequest | AuthRequest
+)
 
 _request_decoder = msgspec.json.Decoder(Request)
 _any_decoder = msgspec.json.Decoder()
@@ -103,6 +116,20 @@ _WORDS: Final[dict[bytes, Request]] = {
     b"ping": PingRequest(),
     b"stats": StatsRequest(),
 }
+
+
+def op_of(line: bytes) -> str | None:
+    """Best effort: the ``op`` a line asks for, even when it is not a valid request."""
+    stripped = line.strip()
+    if not stripped.startswith(b"{"):
+        word = stripped.split(None, 1)[0].lower() if stripped else b""
+        return word.decode("ascii", "replace") or None
+    try:
+        obj = _any_decoder.decode(stripped)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    op = obj.get("op") if isinstance(obj, dict) else None
+    return op if isinstance(op, str) else None
 
 
 def _id_of(line: bytes) -> RequestId:

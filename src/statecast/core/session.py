@@ -2,27 +2,40 @@
 
 A transport feeds received bytes to :meth:`Session.receive_data`, writes what
 :meth:`Session.data_to_send` returns, calls :meth:`Session.pump` while
-:attr:`Session.streaming` is true and the socket takes more, and calls
-:meth:`Session.close` when the connection is gone. Live changes don't pass through
-here: the fan-out hands them to the transport's :class:`~statecast.core.fanout.Subscriber`
-directly, once the session has joined it.
+:attr:`Session.streaming` is true and the socket takes more, calls :meth:`Session.tick`
+about once a second, and calls :meth:`Session.close` when the connection is gone.
+Live changes don't pass through here: the fan-out hands them to the transport's
+:class:`~statecast.core.fanout.Subscriber` directly, once the session has joined it.
 
 Requests are handled one at a time, in order (§5.4). While a snapshot or a catch-up
 streams, later requests wait in the line buffer; the transport stops reading then, so
 that buffer stays bounded.
+
+Access (§3.8): every request is checked against the connection's
+:class:`~statecast.core.policy.Grant`. Without auth configured that is the anonymous
+grant (everything); with auth, nothing but ``auth`` is served until a token is
+accepted, and the connection is closed when its token expires unfresh.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+from msgspec import UNSET
+from msgspec.json import encode as _encode_json
 
 from statecast.core.engine import Engine
-from statecast.core.fanout import Selection, Subscriber
+from statecast.core.fanout import Subscriber
+from statecast.core.filters import Where, conjoin, parse_where
 from statecast.core.frames import (
     PROTOCOL_VERSION,
     Ack,
+    Authed,
     Bye,
     Hello,
     Pong,
@@ -31,31 +44,41 @@ from statecast.core.frames import (
     SnapshotEnd,
     Stats,
     Subscribed,
+    delete_line,
     encode,
     encode_error,
 )
 from statecast.core.framing import LineReader
+from statecast.core.policy import ALL, Grant
 from statecast.core.protocol import (
+    AuthRequest,
     PingRequest,
+    PreparedChange,
     PublishRequest,
     StatsRequest,
     SubscribeRequest,
     SyncRequest,
+    op_of,
     parse_request,
     prepare_changes,
     validate_collections,
 )
-from statecast.core.state import Snapshot
+from statecast.core.state import Record, Snapshot
+from statecast.core.view import View
 from statecast.errors import (
     BadRequest,
+    Forbidden,
     InternalError,
     ProtocolError,
+    RateLimited,
     ResyncRequired,
     SlowConsumer,
+    TokenExpired,
     TooLarge,
+    Unauthorized,
 )
 
-__all__ = ["Session"]
+__all__ = ["Authenticator", "Limits", "Session", "admit_publish", "view_of"]
 
 log = logging.getLogger("statecast.core.session")
 
@@ -63,24 +86,82 @@ log = logging.getLogger("statecast.core.session")
 _LOG_STEP = 1024
 
 
+class Authenticator(Protocol):
+    """Turns a token into a grant (``statecast.tokens.TokenVerifier``)."""
+
+    def verify(self, token: object, now: float | None = None, *, rid: RequestId = None) -> Grant:
+        """The grant of a valid token; raises ``Unauthorized`` otherwise."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-connection limits (§7, §9); ``None`` turns one off."""
+
+    max_line: int = 1 << 20  # §1
+    max_changes: int | None = None  # changes in one publish
+    max_value: int | None = None  # bytes of one value, as stored
+    rate: float | None = None  # requests per second, sustained (a token bucket) ...
+    burst: int = 1000  # ... and at once
+    auth_timeout: float | None = None  # seconds to authenticate, with auth on
+
+
+def admit_publish(
+    request: PublishRequest, grant: Grant, limits: Limits, engine: Engine
+) -> list[PreparedChange]:
+    """§3.3, §3.8, §9: a publish's batch, once the grant allows every collection it
+    writes and it is within the limits; raises (nothing applied) otherwise. Every
+    transport's publish goes through here."""
+    rid = request.id
+    if limits.max_changes is not None and len(request.changes) > limits.max_changes:
+        engine.limit_hits["max_changes"] += 1
+        raise TooLarge(
+            f"{len(request.changes)} changes in one publish: at most {limits.max_changes}",
+            request_id=rid,
+        )
+    grant.check_publish((c.collection for c in request.changes), rid)
+    batch = prepare_changes(request)
+    if limits.max_value is not None:
+        for i, (_, _, _, value) in enumerate(batch):
+            if value is not None and len(value) > limits.max_value:
+                engine.limit_hits["max_value"] += 1
+                raise TooLarge(
+                    f"changes[{i}]: a value of {len(value)} bytes: at most {limits.max_value}",
+                    request_id=rid,
+                )
+    return batch
+
+
+def view_of(
+    grant: Grant,
+    grant_where: Where | None,
+    names: list[str] | None,
+    where: object,
+    rid: RequestId = None,
+) -> View:
+    """What a sync or subscribe sees: the request, narrowed by the grant (§3.7, §3.8)."""
+    requested = None if names is None else validate_collections(names, rid)
+    try:
+        filt = parse_where(where)
+    except BadRequest as exc:
+        exc.request_id = rid
+        raise
+    return View(grant.readable(requested, rid), conjoin(grant_where, filt))
+
+
 class _Stream:
     """A snapshot being streamed, then (for live) a catch-up from the change log."""
 
-    __slots__ = ("after", "live", "rid", "selection", "snapshot")
+    __slots__ = ("after", "live", "rid", "sent", "snapshot", "view")
 
     def __init__(
-        self,
-        snapshot: Snapshot | None,
-        after: int,
-        live: bool,
-        selection: Selection,
-        rid: RequestId,
+        self, snapshot: Snapshot | None, after: int, live: bool, view: View, rid: RequestId
     ) -> None:
         self.snapshot = snapshot
         self.after = after  # catch-up position: every change <= after is sent
         self.live = live
-        self.selection = selection
+        self.view = view
         self.rid = rid
+        self.sent = 0  # records of the snapshot sent (those in view)
 
 
 class Session:
@@ -89,29 +170,56 @@ class Session:
         engine: Engine,
         subscriber: Subscriber,
         *,
-        max_line: int,
         version: str,
+        limits: Limits | None = None,
+        auth: Authenticator | None = None,
+        grant: Grant | None = None,
+        admit: Callable[[Grant], None] | None = None,
+        release: Callable[[Grant], None] | None = None,
         wakeup: Callable[[], None] | None = None,
         stats: Callable[[], dict[str, Any]] | None = None,
+        now: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
         self._stats = stats
+        self._limits = limits = limits or Limits()
+        self._auth = auth
+        # ``admit(grant)`` may refuse a newly authenticated connection (raises, e.g.
+        # TooManyConnections); ``release`` undoes it when the connection ends.
+        self._admit = admit
+        self._release_grant = release
+        self._admitted: Grant | None = None
+        self._now = now
+        self._monotonic = monotonic
+        self._opened = monotonic()
         # Called when output appears outside receive_data() and pump() (a durable
-        # publish's ack), so that the transport writes it.
+        # publish's ack, an expiry), so that the transport writes it.
         self._wakeup = wakeup
         self._busy = False
         self._subscriber = subscriber
-        self._reader = LineReader(max_line)
+        self._reader = LineReader(limits.max_line)
         self._out: list[bytes] = [
             encode(Hello("statecast", version, PROTOCOL_VERSION, engine.epoch, engine.seq))
         ]  # §2
         self._stream: _Stream | None = None
         self._live_requested = False  # §3.2: at most one live subscription
-        self._selection: Selection = None
+        self._view = View()
+        self.grant: Grant | None = None  # None: not authenticated yet
+        self._grant_where: Where | None = None
+        self._tokens = float(limits.burst)  # the rate limit's bucket
+        self._filled = self._opened
         self.joined = False  # receiving live changes through the fan-out
         self.acks_pending = 0  # publishes not answered yet (a durable store commits later)
         self.closing = False  # close the connection once data_to_send() is written
         self.closed = False
+        if auth is None:
+            self.grant = Grant.ANONYMOUS
+        elif grant is not None:  # authenticated by the transport (HTTP Authorization)
+            try:
+                self._accept(grant, None)
+            except ProtocolError as exc:
+                self.fail(exc)
 
     # -- transport interface -------------------------------------------------
     @property
@@ -164,6 +272,26 @@ class Session:
         finally:
             self._busy = False
 
+    def tick(self) -> None:
+        """Time passed (called about once a second): §3.8 expiry and auth timeout."""
+        if self.closing or self.closed or self._auth is None:
+            return
+        grant = self.grant
+        if grant is None:
+            timeout = self._limits.auth_timeout
+            if timeout is not None and self._monotonic() - self._opened >= timeout:
+                self._engine.limit_hits["auth_timeout"] += 1
+                self.fail(Unauthorized(f"no auth within {timeout:g}s: closing"))
+                self._wake()
+        elif grant.expired(self._now()):
+            self.fail(
+                TokenExpired(
+                    "the access token expired: send a fresh one with "
+                    '{"op":"auth","token":...} before it does'
+                )
+            )
+            self._wake()
+
     def shutdown(self) -> None:
         """§8: stop streaming, say bye, and ask to be closed."""
         if self.closed or self.closing:
@@ -177,26 +305,33 @@ class Session:
         if not self.closed:
             self._release()
             self.closed = True
-
-    # -- internals -----------------------------------------------------------
-    def _release(self) -> None:
-        st, self._stream = self._stream, None
-        if st is not None and st.snapshot is not None:
-            st.snapshot.close()
-        if self.joined:
-            self._engine.fanout.leave(self._subscriber, self._selection)
-            self.joined = False
-
-    def _error(self, exc: ProtocolError) -> None:
-        """§6: an ``error`` frame, counted by code."""
-        self._engine.errors[exc.code] += 1
-        self._out.append(encode_error(exc))
+            admitted, self._admitted = self._admitted, None
+            if admitted is not None and self._release_grant is not None:
+                self._release_grant(admitted)
 
     def fail(self, exc: ProtocolError) -> None:
         """An error that makes this connection unusable: report it, then close."""
         self._release()
         self._error(exc)
         self.closing = True
+
+    # -- internals -----------------------------------------------------------
+    def _wake(self) -> None:
+        if not self._busy and self._wakeup is not None:
+            self._wakeup()  # output outside a call from the transport: tell it
+
+    def _release(self) -> None:
+        st, self._stream = self._stream, None
+        if st is not None and st.snapshot is not None:
+            st.snapshot.close()
+        if self.joined:
+            self._engine.fanout.leave(self._subscriber, self._view)
+            self.joined = False
+
+    def _error(self, exc: ProtocolError) -> None:
+        """§6: an ``error`` frame, counted by code."""
+        self._engine.errors[exc.code] += 1
+        self._out.append(encode_error(exc))
 
     def _process(self) -> None:
         reader = self._reader
@@ -211,11 +346,39 @@ class Session:
             if line.strip():
                 self._handle(line)
 
+    def _take_token(self, rid: RequestId) -> None:
+        """§7: the per-connection request rate (a token bucket)."""
+        rate = self._limits.rate
+        if rate is None:
+            return
+        now = self._monotonic()
+        burst = self._limits.burst
+        self._tokens = min(burst, self._tokens + (now - self._filled) * rate)
+        self._filled = now
+        if self._tokens < 1:
+            self._engine.limit_hits["rate"] += 1
+            raise RateLimited(
+                f"more than {rate:g} requests per second (burst {burst}): slow down",
+                request_id=rid,
+            )
+        self._tokens -= 1
+
     def _handle(self, line: bytes) -> None:
         rid: RequestId = None
         try:
-            request = parse_request(line)
+            try:
+                request = parse_request(line)
+            except BadRequest:
+                if self.grant is None and op_of(line) != "auth":
+                    raise self._unauthenticated(None) from None
+                raise
             rid = request.id
+            self._take_token(rid)
+            if isinstance(request, AuthRequest):
+                self._authenticate(request)
+                return
+            if self.grant is None:
+                raise self._unauthenticated(rid)
             if isinstance(request, PublishRequest):
                 self._publish(request)
             elif isinstance(request, SyncRequest):
@@ -225,25 +388,85 @@ class Session:
             elif isinstance(request, PingRequest):
                 self._out.append(encode(Pong(self._engine.seq, rid)))
             elif isinstance(request, StatsRequest):
-                if self._stats is None:
-                    raise BadRequest("this server does not expose stats", request_id=rid)
-                self._out.append(encode(Stats(**self._stats(), id=rid)))
+                self._stats_of(rid)
+        except Unauthorized as exc:
+            if self.grant is None:  # §3.8: nothing but auth first, then closed
+                self.fail(exc)
+            else:
+                self._error(exc)
         except ProtocolError as exc:
             self._error(exc)
         except Exception:
             log.exception("internal error while handling a request")
             self._error(InternalError("internal server error", request_id=rid))
 
-    def _selection_of(self, names: list[str] | None, rid: RequestId) -> Selection:
-        return None if names is None else validate_collections(names, rid)
+    @staticmethod
+    def _unauthenticated(rid: RequestId) -> Unauthorized:
+        return Unauthorized(
+            'authenticate first: send {"op":"auth","token":"..."} before anything else',
+            request_id=rid,
+        )
+
+    # -- §3.8 auth -------------------------------------------------------------
+    def _authenticate(self, request: AuthRequest) -> None:
+        rid = request.id
+        if self._auth is None:
+            raise BadRequest("this server does not use access tokens", request_id=rid)
+        grant = self._auth.verify(request.token, self._now(), rid=rid)
+        self._accept(grant, rid)
+
+    def _accept(self, grant: Grant, rid: RequestId) -> None:
+        try:
+            where = parse_where(grant.where, "token.where")
+        except BadRequest:
+            raise Unauthorized(
+                "the token's 'where' claim is not a valid filter", request_id=rid
+            ) from None
+        old = self.grant
+        if old is None:
+            if self._admit is not None:
+                try:
+                    self._admit(grant)  # may refuse (too_many_connections)
+                except ProtocolError as exc:
+                    exc.request_id = rid
+                    self.fail(exc)
+                    return
+            self._admitted = grant
+        else:
+            live = [self._view.collections] if self._live_requested else []
+            old.check_refresh(grant, rid, live=live)  # same sub, never wider
+        self.grant = grant
+        self._grant_where = where
+        authed = msgspec.convert(grant.to_frame(), Authed)
+        authed.id = rid
+        self._out.append(encode(authed))
+
+    # -- requests ----------------------------------------------------------------
+    def _view_of(self, names: list[str] | None, where: object, rid: RequestId) -> View:
+        assert self.grant is not None
+        return view_of(self.grant, self._grant_where, names, where, rid)
 
     def _claim_live(self, rid: RequestId) -> None:
         if self._live_requested:
             raise BadRequest("this connection already has a live subscription", request_id=rid)
 
+    def _stats_of(self, rid: RequestId) -> None:
+        grant = self.grant
+        assert grant is not None
+        if grant.read is not ALL or self._grant_where is not None:
+            raise Forbidden(
+                "stats are server-wide counts: only a token that reads everything may ask",
+                request_id=rid,
+            )
+        if self._stats is None:
+            raise BadRequest("this server does not expose stats", request_id=rid)
+        self._out.append(encode(Stats(**self._stats(), id=rid)))
+
     def _publish(self, request: PublishRequest) -> None:
         """§3.3: the ack comes once the store has committed the batch."""
         rid = request.id
+        assert self.grant is not None
+        batch = admit_publish(request, self.grant, self._limits, self._engine)
 
         def done(result: int | ProtocolError) -> None:
             self.acks_pending -= 1
@@ -254,30 +477,31 @@ class Session:
             else:
                 result.request_id = rid
                 self._error(result)
-            if not self._busy and self._wakeup is not None:
-                self._wakeup()  # answered later than the request: tell the transport
+            self._wake()  # answered later than the request: tell the transport
 
-        batch = prepare_changes(request)
         self.acks_pending += 1
         self._engine.publish(batch, done)
 
     def _sync(self, request: SyncRequest) -> None:
         """§3.1: snapshot_begin, records, snapshot_end, then (live) changes > S."""
         rid = request.id
-        selection = self._selection_of(request.collections, rid)
+        view = self._view_of(request.collections, request.where, rid)
         if request.live:
             self._claim_live(rid)
             self._live_requested = True
-            self._selection = selection
-        snap = self._engine.snapshot(selection)
-        self._out.append(encode(SnapshotBegin(snap.seq, self._engine.epoch, snap.total, rid)))
-        self._stream = _Stream(snap, snap.seq, request.live, selection, rid)
+            self._view = view
+        snap = self._engine.snapshot(view.collections)
+        # A filtered snapshot does not say how many records it will send: the count of
+        # the collections would tell about records outside the view (§3.7).
+        count = snap.total if view.where is None else None
+        self._out.append(encode(SnapshotBegin(snap.seq, self._engine.epoch, count, rid)))
+        self._stream = _Stream(snap, snap.seq, request.live, view, rid)
 
     def _subscribe(self, request: SubscribeRequest) -> None:
         """§3.2: subscribed at S, then every change > S."""
         rid = request.id
         engine = self._engine
-        selection = self._selection_of(request.collections, rid)
+        view = self._view_of(request.collections, request.where, rid)
         self._claim_live(rid)
         if request.epoch is not None and request.epoch != engine.epoch:
             raise ResyncRequired(
@@ -297,27 +521,61 @@ class Session:
                 f"(oldest retained: {engine.store.log.first_seq}): sync again",
                 request_id=rid,
             )
+        if view.where is not None and not self._resumable(view, after, point):
+            raise ResyncRequired(
+                f"this filtered subscription cannot resume from seq {after} across the "
+                "server's restart: sync again",
+                request_id=rid,
+            )
         self._live_requested = True
-        self._selection = selection
+        self._view = view
         self._out.append(encode(Subscribed(after, engine.epoch, rid)))
         if after == point:
             self._join()
         else:
-            self._stream = _Stream(None, after, True, selection, rid)
+            self._stream = _Stream(None, after, True, view, rid)
+
+    def _resumable(self, view: View, after: int, point: int) -> bool:
+        """§3.7: a filtered catch-up must tell a record that moves out of the view from
+        one that was never in it. A change loaded from disk whose previous version is
+        older than the log does not know; it matters only if it is outside the view
+        now (it might have moved out, or never have been in)."""
+        log_ = self._engine.store.log
+        upto = min(point, log_.unknown_until)
+        if after >= upto:
+            return True
+        where = view.where
+        assert where is not None
+        pos = after
+        while pos < upto:
+            records = log_.read(pos, min(_LOG_STEP, upto - pos))
+            for rec in records:
+                if (
+                    rec.before is UNSET
+                    and view.selects(rec.collection)
+                    and not where.matches_json(rec.value_json())
+                ):
+                    return False
+            pos = records[-1].seq
+        return True
 
     def _join(self) -> None:
-        self._engine.fanout.join(self._subscriber, self._selection)
+        self._engine.fanout.join(self._subscriber, self._view)
         self.joined = True
 
     def _pump_snapshot(self, st: _Stream, max_bytes: int) -> None:
         snap = st.snapshot
         assert snap is not None
         lines = snap.read(max_bytes)
+        if st.view.where is not None:
+            accepts = st.view.accepts_line
+            lines = [ln for ln in lines if accepts(ln)]
         if lines:
+            st.sent += len(lines)
             self._out.append(b"".join(lines))
         if not snap.done:
             return
-        self._out.append(encode(SnapshotEnd(snap.seq, snap.count, st.rid)))
+        self._out.append(encode(SnapshotEnd(snap.seq, st.sent, st.rid)))
         st.snapshot = None
         if not st.live:
             self._stream = None
@@ -325,7 +583,7 @@ class Session:
     def _pump_catch_up(self, st: _Stream, max_bytes: int) -> None:
         """§5.2: changes from the log up to the fan-out's position, then join it."""
         engine = self._engine
-        selection = st.selection
+        view = st.view
         size = 0
         out: list[bytes] = []
         while size < max_bytes:
@@ -342,10 +600,26 @@ class Session:
                     "resume or sync again"
                 ) from None
             for rec in records:
-                if selection is None or rec.collection in selection:
-                    line = rec.change_line()
-                    out.append(line)
-                    size += len(line)
+                if view.selects(rec.collection):
+                    line = self._catch_up_line(rec, view.where)
+                    if line is not None:
+                        out.append(line)
+                        size += len(line)
             st.after = records[-1].seq
         if out:
             self._out.append(b"".join(out))
+
+    @staticmethod
+    def _catch_up_line(rec: Record, where: Where | None) -> bytes | None:
+        """The frame a subscriber catching up gets for one logged change (§3.7)."""
+        if where is None or where.matches_json(rec.value_json()):
+            return rec.change_line()
+        before = rec.before
+        if before is UNSET:  # only outside the view now: _resumable() checked it
+            raise ResyncRequired("cannot resume this filtered subscription: sync again")
+        if isinstance(before, Record) and where.matches_json(before.value_json()):
+            # It moved out of the view: a delete (for a delete, the change itself).
+            if rec.deleted:
+                return rec.line
+            return delete_line(rec.seq, rec.collection, _encode_json(rec.key))
+        return None

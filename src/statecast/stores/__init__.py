@@ -17,6 +17,10 @@ __all__ = ["open_store"]
 def open_store(config: Config) -> Store:
     """The store ``config.store`` names (``Config`` has checked the name already)."""
     spec = config.store
+    if spec.startswith(("nats://", "tls://")):
+        from statecast.stores.nats import NatsStore  # noqa: PLC0415 (loads nats-py)
+
+        return NatsStore(config)
     if spec == "memory":
         from statecast.stores.memory import MemoryStore  # noqa: PLC0415 (only when used)
 

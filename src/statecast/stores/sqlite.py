@@ -344,6 +344,7 @@ class SQLiteStore:
                 f"{self.path} is damaged: its change log ends at seq {changelog.last_seq}, "
                 f"its state at seq {seq}"
             )
+        changelog.unknown_until = seq
         self.log = changelog
         self._committed = seq
 

@@ -17,8 +17,9 @@ from typing import Protocol
 from statecast.config import Config
 from statecast.core.engine import Engine
 from statecast.core.fanout import Subscriber
+from statecast.core.policy import Grant
 from statecast.core.protocol import PreparedChange
-from statecast.core.session import Session
+from statecast.core.session import Authenticator, Limits, Session
 from statecast.errors import ProtocolError
 
 __all__ = ["Connection", "Connections", "Host"]
@@ -94,8 +95,18 @@ class Host(Protocol):
     @property
     def connections(self) -> Connections: ...
 
-    def new_session(self, subscriber: Subscriber, *, wakeup: Callable[[], None]) -> Session:
-        """The protocol state of a new connection, whatever its transport."""
+    @property
+    def verifier(self) -> Authenticator | None:
+        """Checks access tokens (None: no auth configured, §3.8)."""
+
+    @property
+    def limits(self) -> Limits: ...
+
+    def new_session(
+        self, subscriber: Subscriber, *, wakeup: Callable[[], None], grant: Grant | None = None
+    ) -> Session:
+        """The protocol state of a new connection, whatever its transport; ``grant`` if
+        the transport authenticated it already."""
 
     def on_engine(self, callback: Callable[[Engine], object]) -> None:
         """Call ``callback(engine)`` once the engine exists (now, if it does)."""

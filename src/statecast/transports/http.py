@@ -15,9 +15,13 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from statecast.core.filters import parse_where
 from statecast.core.frames import Ack, ErrorFrame, SnapshotEnd, encode
-from statecast.core.protocol import parse_publish_body, prepare_changes, validate_collections
-from statecast.errors import ProtocolError, TooLarge, Unavailable
+from statecast.core.policy import Grant
+from statecast.core.protocol import parse_publish_body
+from statecast.core.session import admit_publish, view_of
+from statecast.core.view import View
+from statecast.errors import BadRequest, ProtocolError, TooLarge, Unauthorized, Unavailable
 from statecast.metrics import Metrics
 from statecast.transports.base import Host
 from statecast.transports.output import STREAM_STEP
@@ -54,57 +58,94 @@ class _Handlers:
         if not self.host.ready:
             raise Unavailable("the server is not ready (loading its store, or stopping)")
 
+    def grant_of(self, request: web.Request, *, required: bool) -> Grant | None:
+        """§3.8 over HTTP: the grant of ``Authorization: Bearer T``. Without auth
+        configured, everything; with it, a missing header is refused when
+        ``required`` (a WebSocket may send ``auth`` as its first message instead)."""
+        verifier = self.host.verifier
+        if verifier is None:
+            return Grant.ANONYMOUS
+        header = request.headers.get("Authorization")
+        if header is None:
+            if required:
+                raise Unauthorized("send 'Authorization: Bearer <token>'")
+            return None
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+        return verifier.verify(token.strip())
+
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         """§10: protocol v1 over a WebSocket."""
         try:
             self.require_ready()
+            grant = self.grant_of(request, required=False)
         except ProtocolError as exc:
             return error_response(exc)
         ws = web.WebSocketResponse(max_msg_size=self.host.config.max_line, heartbeat=None)
         await ws.prepare(request)
-        await WsConnection(self.host, request, ws).run()
+        await WsConnection(self.host, request, ws, grant).run()
         return ws
 
     async def snapshot(self, request: web.Request) -> web.StreamResponse:
         """The snapshot as streamed NDJSON: record lines, then snapshot_end (§3.1)."""
         try:
             self.require_ready()
-            names = request.query.get("collections")
-            selection = (
-                None
-                if names is None
-                else validate_collections(n.strip() for n in names.split(",") if n.strip())
-            )
+            grant = self.grant_of(request, required=True)
+            assert grant is not None
+            view = self.view_of(request, grant)
         except ProtocolError as exc:
             return error_response(exc)
         engine = self.host.engine
-        snap = engine.snapshot(selection)
+        snap = engine.snapshot(view.collections)
+        headers = {
+            "Content-Type": "application/x-ndjson",
+            "X-Statecast-Seq": str(snap.seq),
+            "X-Statecast-Epoch": engine.epoch,
+        }
+        if view.where is None:  # a filtered count would tell of records outside the view
+            headers["X-Statecast-Count"] = str(snap.total)
+        sent = 0
         try:
-            resp = web.StreamResponse(
-                headers={
-                    "Content-Type": "application/x-ndjson",
-                    "X-Statecast-Seq": str(snap.seq),
-                    "X-Statecast-Epoch": engine.epoch,
-                    "X-Statecast-Count": str(snap.total),
-                }
-            )
+            resp = web.StreamResponse(headers=headers)
             await resp.prepare(request)
             while not snap.done:
                 lines = snap.read(STREAM_STEP)
+                if view.where is not None:
+                    lines = [ln for ln in lines if view.accepts_line(ln)]
                 if lines:
+                    sent += len(lines)
                     await resp.write(b"".join(lines))  # waits while the client is slow
-            await resp.write(encode(SnapshotEnd(snap.seq, snap.count)))
+            await resp.write(encode(SnapshotEnd(snap.seq, sent)))
             await resp.write_eof()
         finally:
             snap.close()  # also when the client went away mid-way
         return resp
 
+    def view_of(self, request: web.Request, grant: Grant) -> View:
+        """``?collections=a,b&where={...}``, narrowed by the grant (§3.7)."""
+        names = request.query.get("collections")
+        where_text = request.query.get("where")
+        where: object = None
+        if where_text is not None:
+            try:
+                where = msgspec.json.decode(where_text)
+            except msgspec.DecodeError as exc:
+                raise BadRequest(f"where: not JSON: {exc}") from None
+        grant_where = parse_where(grant.where, "token.where")
+        listed = None if names is None else [n.strip() for n in names.split(",") if n.strip()]
+        return view_of(grant, grant_where, listed, where)
+
     async def publish(self, request: web.Request) -> web.Response:
         """POST the body of a publish request; the answer is its ack (§3.3)."""
         try:
             self.require_ready()
+            grant = self.grant_of(request, required=True)
+            assert grant is not None
             body = await request.read()
-            batch = prepare_changes(parse_publish_body(body))
+            batch = admit_publish(
+                parse_publish_body(body), grant, self.host.limits, self.host.engine
+            )
         except web.HTTPRequestEntityTooLarge:
             return error_response(
                 TooLarge(f"request body longer than {self.host.config.max_line} bytes")

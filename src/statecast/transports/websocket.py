@@ -21,6 +21,7 @@ from collections import deque
 from aiohttp import WSMsgType, web
 
 from statecast.core.frames import encode_heartbeat
+from statecast.core.policy import Grant
 from statecast.core.session import Session
 from statecast.transports.base import Host
 from statecast.transports.output import STREAM_STEP, cut_slow_consumer, over_limit
@@ -33,7 +34,13 @@ log = logging.getLogger("statecast.transports.websocket")
 class WsConnection:
     transport_name = "ws"
 
-    def __init__(self, host: Host, request: web.Request, ws: web.WebSocketResponse) -> None:
+    def __init__(
+        self,
+        host: Host,
+        request: web.Request,
+        ws: web.WebSocketResponse,
+        grant: Grant | None = None,
+    ) -> None:
         self._host = host
         self._request = request
         self._ws = ws
@@ -44,7 +51,7 @@ class WsConnection:
         self._wake = asyncio.Event()
         self._stream_idle = asyncio.Event()  # set when no stream is running
         self._closing = False
-        self.session: Session = host.new_session(self, wakeup=self._take_output)
+        self.session: Session = host.new_session(self, wakeup=self._take_output, grant=grant)
 
     # -- the handler -------------------------------------------------------------------
     async def run(self) -> None:

@@ -1,52 +1,115 @@
 // The statecast dashboard: a live replica of the server's state, over /ws.
 // It behaves like statecast.Replica (docs/client.md): sync with live, apply changes in
 // seq order, reconnect with backoff and jitter, resume with subscribe-from under the
-// same epoch, and fall back to a full sync on resync_required. Plain JavaScript, no
-// build step, nothing fetched from elsewhere.
+// same epoch, and fall back to a full sync on resync_required or a gap. Plain
+// JavaScript, no build step, nothing fetched from elsewhere.
 "use strict";
 
 const MAX_ROWS = 2000;          // rows drawn per table (the rest are counted)
 const PREFERRED = ["quotes", "orders", "executions", "positions"];
+const PING_AFTER = 15000;       // ms of silence before we ping the server
+const DEAD_AFTER = 45000;       // ms of silence after which the connection is dead (§4.3)
+const TOKEN_KEY = "statecast.token";
+const AUTH_CODES = ["unauthorized", "token_expired"];
 
 const replica = {
   data: new Map(),              // collection -> Map(key -> {value, seq})
   seq: -1,                      // last applied seq; -1 before the first sync
   epoch: null,
   pending: null,                // Map being filled by a snapshot in progress
+  beginEpoch: null,
   total: null,
   received: 0,
 };
-const view = { tables: new Map(), active: null, dirty: new Set(), flashes: new Map(), all: false };
+const view = { tables: new Map(), active: null, dirty: new Set(), flashes: new Map() };
 const el = (id) => document.getElementById(id);
-let ws = null;
-let attempt = 0;
+
+// What the page did, for people and for tests: full syncs and resumes completed, and
+// how the last (re)connection joined the stream ("synced" or "resumed"). Mirrored on
+// <body data-syncs data-resumes data-last-join>.
+const stats = { syncs: 0, resumes: 0, lastJoin: null, sub: null };
+window.statecast = stats;
+
+let ws = null;                  // the current socket; events of any other are ignored
+let attempt = 0;                // reconnections since the last successful join
+let retryTimer = null;
+let lastFrame = 0;              // performance.now() of the last message received
+let lastPing = 0;
+let awaitingToken = false;      // an auth error came: wait for the user, do not reconnect
 let changeTimes = [];
 
 // -- connection --------------------------------------------------------------------
+function wsUrl() {
+  // Next to the page (so it also works behind a proxy under a path), ws: or wss: as
+  // the page is http: or https:.
+  const url = new URL("ws", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  return url.href;
+}
+
 function connect() {
+  clearTimeout(retryTimer);
+  retryTimer = null;
+  if (awaitingToken || ws) return;
   setConn("connecting", "connecting…");
-  const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
-  ws = new WebSocket(url);
-  ws.onopen = () => {
+  let sock;
+  try {
+    sock = new WebSocket(wsUrl());
+  } catch (exc) {                                   // a URL the browser refuses outright
+    scheduleReconnect("cannot connect: " + exc.message);
+    return;
+  }
+  ws = sock;
+  sock.onopen = () => {
+    if (sock !== ws) { sock.close(); return; }    // dropped while it was connecting
+    lastFrame = lastPing = performance.now();
+    // Requests are answered in order (§5.4): the token, when we have one, goes first,
+    // and the sync or resume right behind it.
+    const token = tokenStore.get();
+    if (token) send({ op: "auth", token, id: "auth" });
     if (replica.seq >= 0 && replica.epoch) {
       send({ op: "subscribe", from: replica.seq, epoch: replica.epoch, id: "resume" });
-      setConn("connecting", "resuming at seq " + replica.seq + "…");
+      setConn("connecting", "resuming at seq " + replica.seq.toLocaleString() + "…");
     } else {
       fullSync();
     }
   };
-  ws.onmessage = (event) => {
-    for (const line of event.data.split("\n")) {
-      if (line) handle(JSON.parse(line));
-    }
+  sock.onmessage = (event) => {
+    if (sock === ws) receive(sock, event.data);
   };
-  ws.onclose = () => {
-    ws = null;
-    const delay = Math.min(10, 0.25 * 2 ** attempt) * (0.5 + Math.random());
-    attempt += 1;
-    setConn("down", "disconnected · reconnecting in " + delay.toFixed(1) + "s");
-    setTimeout(connect, delay * 1000);
+  sock.onclose = () => {
+    if (sock === ws) { ws = null; scheduleReconnect("disconnected"); }
   };
+}
+
+// Forget the current socket (its events are ignored from now on) and close it.
+function closeSocket() {
+  const sock = ws;
+  ws = null;
+  if (!sock) return;
+  // Closing a socket that is still connecting makes the browser log an error; its
+  // onopen closes it instead (sock !== ws).
+  if (sock.readyState === WebSocket.OPEN) sock.close(1000);
+}
+
+function drop(reason) {
+  closeSocket();
+  scheduleReconnect(reason);
+}
+
+function scheduleReconnect(reason) {
+  clearTimeout(retryTimer);
+  retryTimer = null;
+  replica.pending = null;                           // a snapshot cut short is worthless
+  hideProgress();
+  if (awaitingToken) {
+    setConn("down", "waiting for an access token");
+    return;
+  }
+  const delay = Math.min(10, 0.25 * 2 ** attempt) * (0.5 + Math.random());
+  attempt += 1;
+  setConn("down", reason + " · reconnecting in " + delay.toFixed(1) + "s");
+  retryTimer = setTimeout(connect, delay * 1000);
 }
 
 function send(request) {
@@ -59,9 +122,33 @@ function fullSync() {
 }
 
 // -- protocol ----------------------------------------------------------------------
+function receive(sock, data) {
+  lastFrame = performance.now();
+  if (typeof data !== "string") { drop("unexpected binary message"); return; }
+  for (const line of data.split("\n")) {        // one message, several frames (§10)
+    if (!line) continue;
+    let frame;
+    try {
+      frame = JSON.parse(line);
+    } catch (exc) {
+      drop("unreadable frame from the server");
+      return;
+    }
+    handle(frame);
+    if (sock !== ws) return;                    // that frame ended the connection
+  }
+}
+
 function handle(f) {
   switch (f.type) {
     case "hello":
+    case "heartbeat":
+    case "pong":
+      break;
+    case "authed":
+      stats.sub = f.sub ?? null;
+      el("sub").textContent = stats.sub ?? "–";
+      el("who").hidden = false;
       break;
     case "snapshot_begin":
       replica.pending = new Map();
@@ -71,6 +158,7 @@ function handle(f) {
       showProgress();
       break;
     case "record": {
+      if (!replica.pending) break;              // not ours: we never sync twice at once
       let coll = replica.pending.get(f.collection);
       if (!coll) replica.pending.set(f.collection, (coll = new Map()));
       coll.set(f.key, { value: f.value, seq: f.seq });
@@ -79,36 +167,63 @@ function handle(f) {
       break;
     }
     case "snapshot_end":
+      if (!replica.pending) break;
       // The new contents replace the old at once.
       replica.data = replica.pending;
       replica.pending = null;
       replica.seq = f.seq;
       replica.epoch = replica.beginEpoch;
-      attempt = 0;
       hideProgress();
       rebuildAll();
-      setConn("live", "live · synced " + f.count.toLocaleString() + " records");
+      joined("synced", "live · synced " + (f.count ?? 0).toLocaleString() + " records");
       break;
     case "subscribed":
-      attempt = 0;
-      setConn("live", "live · resumed at seq " + f.seq);
+      joined("resumed", "live · resumed at seq " + f.seq.toLocaleString());
       break;
     case "change":
       apply(f);
       break;
-    case "heartbeat":
-      break;
     case "error":
-      if (f.code === "resync_required") {
-        replica.seq = -1;       // our history is gone: start over
-        fullSync();
-      } else {
-        setConn("down", f.code + ": " + f.message);
-      }
+      onError(f);
       break;
     case "bye":
+      // The server is going away (§8): it will not be back within a few ms, so the
+      // first attempt waits a little longer than after a mere drop.
+      attempt = Math.max(attempt, 2);
       setConn("down", "server is restarting");
       break;
+  }
+}
+
+function joined(how, text) {
+  attempt = 0;
+  if (how === "synced") stats.syncs += 1;
+  else stats.resumes += 1;
+  stats.lastJoin = how;
+  document.body.dataset.syncs = stats.syncs;
+  document.body.dataset.resumes = stats.resumes;
+  document.body.dataset.lastJoin = how;
+  clearNotice();
+  setConn("live", text);
+}
+
+function onError(f) {
+  const text = f.code + ": " + (f.message ?? "");
+  if (f.code === "resync_required") {
+    // Our history is gone (another epoch, or past what the server retains): start
+    // over on this connection; the failed subscribe does not count (§3.2).
+    replica.seq = -1;
+    fullSync();
+  } else if (AUTH_CODES.includes(f.code)) {
+    askForToken(text);
+  } else if (f.code === "forbidden") {
+    showNotice(text, true);
+    if (f.id === "sync" || f.id === "resume") setConn("down", text);
+  } else {
+    // Errors that close the connection (slow_consumer, too_large) are followed by
+    // the close, which reconnects; the others leave it usable.
+    showNotice(text, false);
+    if (f.id === "sync" || f.id === "resume") setConn("down", text);
   }
 }
 
@@ -116,19 +231,70 @@ function apply(f) {
   if (f.seq <= replica.seq) return;                 // never apply twice
   if (f.seq !== replica.seq + 1) {                  // a gap: only a full sync repairs it
     replica.seq = -1;
-    fullSync();
+    // This connection is subscribed already and can have only one subscription
+    // (§3.2): reconnect, and the new connection syncs.
+    drop("missed changes, syncing again");
     return;
   }
   replica.seq = f.seq;
   let coll = replica.data.get(f.collection);
   if (!coll) replica.data.set(f.collection, (coll = new Map()));
-  if (f.deleted) coll.delete(f.key);
-  else coll.set(f.key, { value: f.value, seq: f.seq });
+  const id = f.collection + "\u0000" + f.key;
+  if (f.deleted) {
+    coll.delete(f.key);
+    view.flashes.delete(id);
+  } else {
+    coll.set(f.key, { value: f.value, seq: f.seq });
+    view.flashes.set(id, true);
+    const t = view.tables.get(f.collection);
+    if (t) addColumns(t, f.value);
+  }
   changeTimes.push(performance.now());
-  if (f.deleted) view.flashes.delete(f.collection + "\u0000" + f.key);
-  else view.flashes.set(f.collection + "\u0000" + f.key, true);
   markDirty(f.collection);
 }
+
+// -- access token ------------------------------------------------------------------
+// Kept in sessionStorage only (this tab, until it closes): never localStorage, never
+// the URL. Where sessionStorage is refused, in this page's memory.
+const tokenStore = {
+  memory: null,
+  get() {
+    try { return sessionStorage.getItem(TOKEN_KEY); } catch (exc) { return this.memory; }
+  },
+  set(token) {
+    try { sessionStorage.setItem(TOKEN_KEY, token); } catch (exc) { this.memory = token; }
+  },
+  clear() {
+    this.memory = null;
+    try { sessionStorage.removeItem(TOKEN_KEY); } catch (exc) { /* nothing kept there */ }
+  },
+};
+
+function askForToken(reason) {
+  tokenStore.clear();                               // the one we sent, if any, is refused
+  stats.sub = null;
+  el("who").hidden = true;
+  awaitingToken = true;
+  closeSocket();
+  scheduleReconnect(reason);                        // which waits for the token
+  el("auth-reason").textContent = reason;
+  el("auth").hidden = false;
+  el("auth-token").focus();
+}
+
+el("auth").addEventListener("submit", (event) => {
+  event.preventDefault();                           // the input has no name either
+  const input = el("auth-token");
+  const token = input.value.trim();
+  if (!token) return;
+  input.value = "";
+  tokenStore.set(token);
+  el("auth").hidden = true;
+  awaitingToken = false;
+  attempt = 0;
+  closeSocket();
+  connect();
+});
 
 // -- rendering ---------------------------------------------------------------------
 function markDirty(name) {
@@ -161,15 +327,13 @@ function tableFor(name) {
   const thead = table.createTHead();
   const tbody = table.createTBody();
   section.append(note, table);
-  el("tables").append(section);
   const tab = document.createElement("button");
+  tab.type = "button";
   tab.dataset.collection = name;
   tab.onclick = () => activate(name);
-  el("tabs").append(tab);
-  t = { name, section, note, thead, tbody, tab, columns: [], sortBy: null, desc: false };
+  t = { name, section, note, thead, tbody, tab, columns: [], seen: new Set(), sortBy: null, desc: false };
   view.tables.set(name, t);
-  const names = order(view.tables.keys());
-  for (const n of names) {
+  for (const n of order(view.tables.keys())) {
     el("tabs").append(view.tables.get(n).tab);
     el("tables").append(view.tables.get(n).section);
   }
@@ -186,14 +350,18 @@ function activate(name) {
   markDirty(name);
 }
 
+function addColumns(t, value) {
+  if (value && typeof value === "object" && !Array.isArray(value)) {
+    for (const k of Object.keys(value)) if (!t.seen.has(k)) { t.seen.add(k); t.columns.push(k); }
+  } else if (!t.seen.has("value")) { t.seen.add("value"); t.columns.push("value"); }
+}
+
 function columnsOf(t, coll) {
-  const seen = new Set(t.columns);
+  // The fields of a sample of the records; changed records add theirs (apply).
   let n = 0;
   for (const { value } of coll.values()) {
-    if (value && typeof value === "object" && !Array.isArray(value)) {
-      for (const k of Object.keys(value)) if (!seen.has(k)) { seen.add(k); t.columns.push(k); }
-    } else if (!seen.has("value")) { seen.add("value"); t.columns.push("value"); }
-    if (++n > 50) break;
+    addColumns(t, value);
+    if (++n >= 50) break;
   }
   return t.columns;
 }
@@ -205,11 +373,10 @@ function render() {
   for (const name of names) {
     const coll = replica.data.get(name) || new Map();
     const t = tableFor(name);
-    t.tab.textContent = name;
     const count = document.createElement("span");
     count.className = "count";
     count.textContent = coll.size.toLocaleString();
-    t.tab.append(count);
+    t.tab.replaceChildren(name, count);
     if (name !== view.active) continue;         // only the visible table is drawn
     drawTable(t, coll);
   }
@@ -260,9 +427,9 @@ function drawTable(t, coll) {
     k.textContent = key;
     tr.append(k);
     const v = rec.value;
+    const scalar = typeof v !== "object" || v === null || Array.isArray(v);
     for (const c of columns) {
-      const cell = c === "value" && (typeof v !== "object" || v === null || Array.isArray(v)) ? v : v?.[c];
-      tr.append(cellFor(c, cell));
+      tr.append(cellFor(c, c === "value" && scalar ? v : scalar ? undefined : v[c]));
     }
     body.append(tr);
   }
@@ -271,18 +438,21 @@ function drawTable(t, coll) {
 
 function cellFor(column, value) {
   const td = document.createElement("td");
-  if (value === undefined || value === null) { td.textContent = ""; return td; }
+  if (value === undefined || value === null) return td;
   if (typeof value === "number") {
     td.className = "num";
     const money = /px|price|cost|pnl|value|bid|ask|last|open/i.test(column);
     td.textContent = money ? value.toLocaleString(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 4 })
       : /(^|_)ts$|_at$/.test(column) ? new Date(value).toLocaleTimeString() : value.toLocaleString();
-    if (/pnl|change/.test(column)) td.classList.add(value < 0 ? "neg" : value > 0 ? "pos" : "");
+    // Zero is neither: no class (classList.add("") throws).
+    if (/pnl|change/i.test(column) && value !== 0) td.classList.add(value < 0 ? "neg" : "pos");
   } else if (typeof value === "object") {
     td.textContent = JSON.stringify(value);
   } else {
+    // Values become text, and a class only through className (any string is valid
+    // there); the stylesheet knows the sides and statuses the demo uses.
     td.textContent = String(value);
-    if (column === "side") td.className = value;
+    if (column === "side") td.className = String(value);
     if (column === "status") td.className = "status-" + value;
   }
   return td;
@@ -294,6 +464,18 @@ function setConn(kind, text) {
   el("conn-text").textContent = text;
   document.body.dataset.state = kind;
 }
+
+function showNotice(text, sticky) {
+  el("notice-text").textContent = text;
+  el("notice").dataset.sticky = sticky ? "1" : "";
+  el("notice").hidden = false;
+}
+
+function clearNotice() {
+  if (!el("notice").dataset.sticky) el("notice").hidden = true;
+}
+
+el("notice-close").addEventListener("click", () => { el("notice").hidden = true; });
 
 function showProgress() {
   el("progress").hidden = false;
@@ -310,6 +492,15 @@ setInterval(() => {
   const now = performance.now();
   changeTimes = changeTimes.filter((t) => now - t < 1000);
   el("rate").textContent = changeTimes.length.toLocaleString();
+  // A connection that says nothing for long is dead (§4.3); heartbeats come only while
+  // subscribed, so ask with a ping before giving up on it.
+  if (ws && ws.readyState === WebSocket.OPEN) {
+    if (now - lastFrame > DEAD_AFTER) drop("no answer from the server");
+    else if (now - lastFrame > PING_AFTER && now - lastPing > PING_AFTER) {
+      lastPing = now;
+      send({ op: "ping", id: "ping" });
+    }
+  }
 }, 250);
 
 connect();
