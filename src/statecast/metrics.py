@@ -87,6 +87,14 @@ class _ServerCollector(Collector):
         for code, n in sorted(engine.errors.items()):
             errors.add_metric([code], n)
         yield errors
+        limits = CounterMetricFamily(
+            "statecast_limit_hits",
+            "Requests and connections refused by a limit (§7), by limit.",
+            labels=["limit"],
+        )
+        for name in ("max_changes", "max_value", "rate", "connections_per_user", "auth_timeout"):
+            limits.add_metric([name], engine.limit_hits.get(name, 0))
+        yield limits
 
 
 class Metrics:

@@ -428,6 +428,7 @@ class Session:
                 try:
                     self._admit(grant)  # may refuse (too_many_connections)
                 except ProtocolError as exc:
+                    self._engine.limit_hits["connections_per_user"] += 1
                     exc.request_id = rid
                     self.fail(exc)
                     return
