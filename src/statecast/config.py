@@ -61,6 +61,10 @@ class Config:
     max_changes: int | None = 100_000  # changes in one publish (§9)
     max_value: int | None = None  # bytes of one value (None: max_line bounds it)
     max_connections_per_user: int | None = None  # per token 'sub', with auth (§7)
+    max_connections: int | None = 10_000  # open client connections in all (§7)
+    max_inflight: int = 64  # publishes of one connection waiting for their ack (§7)
+    max_inflight_total: int = 4096  # ... of all connections
+    max_snapshot_retained: int | None = 256 * MiB  # old versions kept for open snapshots
     max_request_rate: float | None = None  # requests/s per connection, sustained (§7)
     request_burst: int = 1000  # ... and at once
 
@@ -69,6 +73,9 @@ class Config:
     flush_interval: float = 0.0  # least seconds between two fan-out flushes (§7)
     shutdown_grace: float = 5.0  # seconds for output to drain on shutdown (§8)
     auth_timeout: float = 10.0  # seconds a connection has to authenticate, with auth (§3.8)
+    request_timeout: float | None = 30.0  # seconds to finish a request line once begun
+    idle_timeout: float | None = 300.0  # close a connection with no subscription, silent
+    snapshot_timeout: float | None = 60.0  # cut a snapshot that has not advanced this long
 
     # Extras
     demo: bool = False  # run the trading-desk demo producers
@@ -125,7 +132,15 @@ class Config:
             raise ConfigError(f"max_pending must be at least 65536 bytes, not {self.max_pending}")
         if self.max_line < 1024:
             raise ConfigError(f"max_line must be at least 1024 bytes, not {self.max_line}")
-        for name in ("max_changes", "max_value", "max_connections_per_user"):
+        for name in (
+            "max_changes",
+            "max_value",
+            "max_connections_per_user",
+            "max_connections",
+            "max_inflight",
+            "max_inflight_total",
+            "max_snapshot_retained",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 (or None: no limit), not {value}")
@@ -143,6 +158,10 @@ class Config:
             raise ConfigError(f"shutdown_grace must be >= 0, not {self.shutdown_grace}")
         if self.auth_timeout <= 0:
             raise ConfigError(f"auth_timeout must be > 0 seconds, not {self.auth_timeout}")
+        for name in ("request_timeout", "idle_timeout", "snapshot_timeout"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be > 0 seconds (or None: off), not {value}")
 
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

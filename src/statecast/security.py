@@ -51,6 +51,10 @@ def limits_of(config: Config) -> Limits:
         rate=config.max_request_rate,
         burst=config.request_burst,
         auth_timeout=config.auth_timeout if config.auth else None,
+        max_inflight=config.max_inflight,
+        request_timeout=config.request_timeout,
+        idle_timeout=config.idle_timeout,
+        snapshot_timeout=config.snapshot_timeout,
     )
 
 

@@ -35,7 +35,7 @@ from statecast.core.fanout import Subscriber
 from statecast.core.pacing import FlushPacer
 from statecast.core.policy import Grant
 from statecast.core.protocol import Change, PreparedChange, prepare_changes
-from statecast.core.session import Session
+from statecast.core.session import InflightBudget, Session
 from statecast.core.store import Store
 from statecast.errors import ProtocolError, ServerStateError, ShuttingDown
 from statecast.inbox import Item, PublishInbox
@@ -101,6 +101,7 @@ class Server:
         self.ssl = server_ssl_context(self.config)
         self.limits = limits_of(self.config)
         self.users = UserConnections(self.config.max_connections_per_user)
+        self.inflight = InflightBudget(self.config.max_inflight_total)
 
     # -- lifecycle (event loop) ----------------------------------------------
     async def start(self) -> None:
@@ -145,6 +146,7 @@ class Server:
         await asyncio.to_thread(store.open, loop.call_soon_threadsafe)
         self._store = store
         self._engine = Engine(store, FlushPacer(loop, cfg.flush_interval).schedule)
+        store.state.max_retained = cfg.max_snapshot_retained
         store.start(self._engine.install)
         for callback in self._engine_callbacks:
             callback(self._engine)
@@ -189,6 +191,8 @@ class Server:
         assert self._inbox is not None
         assert self._engine is not None
         assert self._store is not None
+        for conn in self.connections:
+            conn.stop_reading()  # §8: nothing more is read; what was read is answered
         self._listener.close()
         self._inbox.close()  # publishes queued before now are applied, later ones refused
         committed = self._loop.create_future()
@@ -372,6 +376,7 @@ class Server:
             grant=grant,
             admit=self.users.admit,
             release=self.users.release,
+            inflight=self.inflight,
             wakeup=wakeup,
             stats=self.stats,
         )

@@ -28,7 +28,12 @@ from statecast.core.frames import delete_line
 from statecast.core.state import Record
 from statecast.core.view import View
 
-__all__ = ["Fanout", "Subscriber"]
+__all__ = ["FLUSH_BYTES", "Fanout", "Subscriber"]
+
+# §7: one scheduled flush hands out about this many bytes of frames (whole batches),
+# and leaves the rest for the next loop turn: what waits for a subscriber that keeps
+# up stays under --max-pending plus this, however much was published at once.
+FLUSH_BYTES = 1 << 20
 
 
 class Subscriber(Hashable, Protocol):
@@ -51,6 +56,8 @@ class Fanout:
         # The version each pending change replaced, taken when it was queued: the
         # change log lets go of it once the change falls out of the log.
         self._pending_before: list[Record | None] = []
+        self._batch_ends: list[int] = []  # len(_pending) after each queued batch
+        self._pending_bytes = 0
         self._groups: dict[View, dict[Subscriber, None]] = {}
         self._filters = FilterSet()  # the distinct where filters of the groups
         self.flushed_seq = 0  # every change <= this has been handed to subscribers
@@ -107,19 +114,37 @@ class Fanout:
         self._pending_before.extend(
             [b if isinstance(b, Record) else None for b in (r.before for r in records)]
         )
+        self._batch_ends.append(len(self._pending))
+        self._pending_bytes += sum([len(r.line) for r in records])
         if not self._scheduled and self._schedule is not None:
             self._scheduled = True
-            self._schedule(self.flush)
+            self._schedule(self._scheduled_flush)
 
-    def flush(self) -> None:
-        """Hand every queued change to the subscribers."""
+    def _scheduled_flush(self) -> None:
         self._scheduled = False
-        records = self._pending
-        if not records:
+        self.flush(FLUSH_BYTES)
+        if self._pending and self._schedule is not None:
+            self._scheduled = True  # the rest on a later loop turn
+            self._schedule(self._scheduled_flush)
+
+    def flush(self, max_bytes: int | None = None) -> None:
+        """Hand queued changes to the subscribers: every one, or whole batches up to
+        about ``max_bytes`` (at least one batch)."""
+        if not self._pending:
             return
-        befores = self._pending_before
-        self._pending = []
-        self._pending_before = []
+        n = len(self._pending)
+        if max_bytes is not None and self._pending_bytes > max_bytes:
+            n = self._cut(max_bytes)
+        records = self._pending[:n]
+        befores = self._pending_before[:n]
+        if n == len(self._pending):
+            self._pending, self._pending_before, self._batch_ends = [], [], []
+            self._pending_bytes = 0
+        else:
+            del self._pending[:n]
+            del self._pending_before[:n]
+            self._batch_ends = [end - n for end in self._batch_ends if end > n]
+            self._pending_bytes -= sum([len(r.line) for r in records])
         self.flushed_seq = records[-1].seq
         lines = [r.change_line() for r in records]  # encode once, for everyone
         everything: bytes | None = None
@@ -156,6 +181,18 @@ class Fanout:
                 sub.deliver(blob)
         if self.on_flush is not None:
             self.on_flush(time.perf_counter() - self._pending_since)
+
+    def _cut(self, max_bytes: int) -> int:
+        """How many pending records make whole batches of about ``max_bytes``."""
+        size = 0
+        start = 0
+        pending = self._pending
+        for end in self._batch_ends:
+            size += sum([len(r.line) for r in pending[start:end]])
+            start = end
+            if size >= max_bytes:
+                return end
+        return len(pending)
 
     def _moves(self, records: list[Record], befores: list[Record | None]) -> dict[Where, list[int]]:
         """For each distinct filter, what its subscribers get of this flush, in order:

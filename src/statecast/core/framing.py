@@ -53,6 +53,15 @@ class LineReader:
             line = line[:-1]
         return line
 
+    def has_line(self) -> bool:
+        """Whether a complete line is buffered (cheap: one ``find``)."""
+        return not self._broken and self._buf.find(b"\n", self._pos) >= 0
+
+    def feed_eof(self) -> None:
+        """The stream ended: a last line without its ``\n`` is a line too (§1)."""
+        if not self._broken and len(self._buf) > self._pos:
+            self._buf += b"\n"
+
     @property
     def buffered(self) -> int:
         """Bytes held that are not yet returned as lines."""

@@ -78,12 +78,66 @@ from statecast.errors import (
     Unauthorized,
 )
 
-__all__ = ["Authenticator", "Limits", "Session", "admit_publish", "view_of"]
+__all__ = [
+    "SLICE_BYTES",
+    "SLICE_LINES",
+    "Authenticator",
+    "InflightBudget",
+    "Limits",
+    "Session",
+    "admit_publish",
+    "view_of",
+]
 
 log = logging.getLogger("statecast.core.session")
 
 # Changes read from the log per step of a catch-up.
 _LOG_STEP = 1024
+# §7 fairness: requests handled per slice, by count and by bytes. A connection that
+# sends more waits for its next slice (the transport stops reading it meanwhile), so
+# one client pipelining flat out gets its turn like everyone else, no more.
+SLICE_LINES = 256
+SLICE_BYTES = 256 * 1024
+
+
+class _Detached:
+    """The subscriber of a closed session: it keeps no transport alive."""
+
+    def deliver(self, blob: bytes) -> None:
+        pass
+
+
+_DETACHED = _Detached()
+
+
+class InflightBudget:
+    """Publishes of all connections waiting for their ack (§7), bounded: at the bound,
+    no connection's next request is handled until some ack comes."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiting: dict[Session, None] = {}
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and self.used >= self.limit
+
+    def take(self) -> None:
+        self.used += 1
+
+    def give(self) -> None:
+        self.used -= 1
+        if self._waiting and not self.full:
+            waiting, self._waiting = self._waiting, {}
+            for session in waiting:
+                session._wake()
+
+    def wait(self, session: Session) -> None:
+        self._waiting[session] = None
+
+    def forget(self, session: Session) -> None:
+        self._waiting.pop(session, None)
 
 
 class Authenticator(Protocol):
@@ -103,6 +157,10 @@ class Limits:
     rate: float | None = None  # requests per second, sustained (a token bucket) ...
     burst: int = 1000  # ... and at once
     auth_timeout: float | None = None  # seconds to authenticate, with auth on
+    max_inflight: int | None = None  # publishes waiting for their ack, per connection
+    request_timeout: float | None = None  # seconds to finish a request line once begun
+    idle_timeout: float | None = None  # silent, with no subscription: closed
+    snapshot_timeout: float | None = None  # a snapshot not read from this long: cut
 
 
 def admit_publish(
@@ -176,6 +234,7 @@ class Session:
         grant: Grant | None = None,
         admit: Callable[[Grant], None] | None = None,
         release: Callable[[Grant], None] | None = None,
+        inflight: InflightBudget | None = None,
         wakeup: Callable[[], None] | None = None,
         stats: Callable[[], dict[str, Any]] | None = None,
         now: Callable[[], float] = time.time,
@@ -190,14 +249,16 @@ class Session:
         self._admit = admit
         self._release_grant = release
         self._admitted: Grant | None = None
+        self._inflight = inflight
         self._now = now
         self._monotonic = monotonic
-        self._opened = monotonic()
+        self._opened = self._last_input = self._progress = monotonic()
+        self._partial_since: float | None = None  # a request line begun, not finished
         # Called when output appears outside receive_data() and pump() (a durable
         # publish's ack, an expiry), so that the transport writes it.
         self._wakeup = wakeup
         self._busy = False
-        self._subscriber = subscriber
+        self._subscriber: Subscriber = subscriber
         self._reader = LineReader(limits.max_line)
         self._out: list[bytes] = [
             encode(Hello("statecast", version, PROTOCOL_VERSION, engine.epoch, engine.seq))
@@ -236,10 +297,52 @@ class Session:
         """Has a live subscription (joined, or catching up to join)."""
         return self._live_requested and not self.closed
 
+    @property
+    def backlog(self) -> bool:
+        """Requests received and not handled yet: the transport reads no more from this
+        connection, and calls :meth:`resume` when it may handle the next slice (at
+        once, unless :attr:`waiting_for_acks`)."""
+        return (
+            self._stream is None
+            and not self.closing
+            and not self.closed
+            and self._reader.has_line()
+        )
+
+    @property
+    def waiting_for_acks(self) -> bool:
+        """§7: too many publishes wait for their ack (this connection's, or all): the
+        next request waits until one comes (the session calls ``wakeup`` then)."""
+        limit = self._limits.max_inflight
+        if limit is not None and self.acks_pending >= limit:
+            return True
+        return self._inflight is not None and self._inflight.full
+
     def receive_data(self, data: bytes) -> None:
         if self.closing or self.closed:
             return
         self._reader.feed(data)
+        self._last_input = now = self._monotonic()
+        self.resume()
+        if self._reader.buffered and not self._reader.has_line():
+            if self._partial_since is None:
+                self._partial_since = now
+        else:
+            self._partial_since = None
+
+    def receive_eof(self) -> None:
+        """The client closed its sending side: a last line without ``\n`` is a
+        request too (§1)."""
+        if self.closing or self.closed:
+            return
+        self._reader.feed_eof()
+        self._partial_since = None
+        self.resume()
+
+    def resume(self) -> None:
+        """Handle the next slice of buffered requests (§7)."""
+        if self.closing or self.closed:
+            return
         self._busy = True
         try:
             self._process()
@@ -273,24 +376,68 @@ class Session:
             self._busy = False
 
     def tick(self) -> None:
-        """Time passed (called about once a second): §3.8 expiry and auth timeout."""
-        if self.closing or self.closed or self._auth is None:
+        """Time passed (called about once a second): §3.8 expiry and auth timeout, §7
+        request, idle and snapshot timeouts."""
+        if self.closing or self.closed:
             return
-        grant = self.grant
-        if grant is None:
-            timeout = self._limits.auth_timeout
-            if timeout is not None and self._monotonic() - self._opened >= timeout:
-                self._engine.limit_hits["auth_timeout"] += 1
-                self.fail(Unauthorized(f"no auth within {timeout:g}s: closing"))
-                self._wake()
-        elif grant.expired(self._now()):
-            self.fail(
-                TokenExpired(
+        error = self._timed_out()
+        if error is not None:
+            self.fail(error)
+            self._wake()
+        elif self._idle():
+            self._release()
+            self._out.append(encode(Bye("idle")))
+            self.closing = True
+            self._wake()
+
+    def _timed_out(self) -> ProtocolError | None:
+        limits = self._limits
+        now = self._monotonic()
+        if self._auth is not None:
+            grant = self.grant
+            if grant is None:
+                if limits.auth_timeout is not None and now - self._opened >= limits.auth_timeout:
+                    self._engine.limit_hits["auth_timeout"] += 1
+                    return Unauthorized(f"no auth within {limits.auth_timeout:g}s: closing")
+            elif grant.expired(self._now()):
+                return TokenExpired(
                     "the access token expired: send a fresh one with "
                     '{"op":"auth","token":...} before it does'
                 )
+        since = self._partial_since
+        timeout = limits.request_timeout
+        if since is not None and timeout is not None and now - since >= timeout:
+            self._engine.limit_hits["request_timeout"] += 1
+            return BadRequest(
+                f"a request line was begun and not finished within {timeout:g}s: closing"
             )
-            self._wake()
+        st = self._stream
+        if (
+            st is not None
+            and st.snapshot is not None
+            and limits.snapshot_timeout is not None
+            and now - self._progress >= limits.snapshot_timeout
+        ):
+            self._engine.limit_hits["snapshot_timeout"] += 1
+            return SlowConsumer(
+                f"the snapshot was not read from for {limits.snapshot_timeout:g}s: sync again"
+            )
+        if st is not None and st.snapshot is not None and st.snapshot.cut:
+            return SlowConsumer(
+                "the snapshot kept too many old versions alive (--max-snapshot-retained): "
+                "read it faster, or sync again"
+            )
+        return None
+
+    def _idle(self) -> bool:
+        timeout = self._limits.idle_timeout
+        return (
+            timeout is not None
+            and not self._live_requested
+            and self._stream is None
+            and self.acks_pending == 0
+            and self._monotonic() - self._last_input >= timeout
+        )
 
     def shutdown(self) -> None:
         """§8: stop streaming, say bye, and ask to be closed."""
@@ -301,13 +448,19 @@ class Session:
         self.closing = True
 
     def close(self) -> None:
-        """The connection is gone: release the snapshot and the subscription."""
+        """The connection is gone: release the snapshot and the subscription, and let
+        go of the transport (no reference cycle outlives the connection)."""
         if not self.closed:
             self._release()
             self.closed = True
             admitted, self._admitted = self._admitted, None
             if admitted is not None and self._release_grant is not None:
                 self._release_grant(admitted)
+            if self._inflight is not None:
+                self._inflight.forget(self)
+            self._wakeup = None
+            self._stats = None
+            self._subscriber = _DETACHED
 
     def fail(self, exc: ProtocolError) -> None:
         """An error that makes this connection unusable: report it, then close."""
@@ -334,8 +487,16 @@ class Session:
         self._out.append(encode_error(exc))
 
     def _process(self) -> None:
+        """Handle buffered requests, one slice at most (§7)."""
         reader = self._reader
+        lines = size = 0
         while self._stream is None and not self.closing:
+            if lines >= SLICE_LINES or size >= SLICE_BYTES:
+                return  # backlog: the transport comes back for the next slice
+            if self.waiting_for_acks:
+                if self._inflight is not None and self._inflight.full:
+                    self._inflight.wait(self)
+                return
             try:
                 line = reader.next_line()
             except TooLarge as exc:  # §1: the stream is unusable past this point
@@ -343,6 +504,8 @@ class Session:
                 return
             if line is None:
                 return
+            lines += 1
+            size += len(line) + 1
             if line.strip():
                 self._handle(line)
 
@@ -471,6 +634,8 @@ class Session:
 
         def done(result: int | ProtocolError) -> None:
             self.acks_pending -= 1
+            if self._inflight is not None:
+                self._inflight.give()
             if self.closed or self.closing:
                 return
             if isinstance(result, int):
@@ -481,6 +646,8 @@ class Session:
             self._wake()  # answered later than the request: tell the transport
 
         self.acks_pending += 1
+        if self._inflight is not None:
+            self._inflight.take()
         self._engine.publish(batch, done)
 
     def _sync(self, request: SyncRequest) -> None:
@@ -567,6 +734,12 @@ class Session:
     def _pump_snapshot(self, st: _Stream, max_bytes: int) -> None:
         snap = st.snapshot
         assert snap is not None
+        if snap.cut:
+            raise SlowConsumer(
+                "the snapshot kept too many old versions alive (--max-snapshot-retained): "
+                "read it faster, or sync again"
+            )
+        self._progress = self._monotonic()
         lines = snap.read(max_bytes)
         if st.view.where is not None:
             accepts = st.view.accepts_line

@@ -142,6 +142,12 @@ class State:
         self._open_seqs: list[int] = []  # their distinct seqs, newest first
         self._dirty: list[Record] = []  # records whose prev is set
         self._dirty_limit = 1 << 16
+        # Bytes of old versions kept alive for open snapshots (an estimate: counted as
+        # versions are chained, recounted when chains are trimmed), and its bound: past
+        # it, the oldest open snapshot is cut (§7, --max-snapshot-retained).
+        self.retained = 0
+        self.max_retained: int | None = None
+        self.snapshots_cut = 0
 
     # -- reading -------------------------------------------------------------
     def get(self, collection: str, key: str) -> Record | None:
@@ -205,6 +211,8 @@ class State:
                 rec.before = None  # a delete of a key that did not exist
         if records:
             self.seq = records[-1].seq
+        if protect:
+            self._enforce_retained()
 
     def load(self, records: Iterable[Record], seq: int) -> None:
         """Fill an empty state with records (a store recovering), at ``seq``.
@@ -231,8 +239,23 @@ class State:
         new.prev = old
         self._trim(new)
         self._dirty.append(new)
+        if new.prev is not None:
+            self.retained += len(old.line)
         if len(self._dirty) > self._dirty_limit:
             self._prune()
+
+    def _enforce_retained(self) -> None:
+        """Cut the oldest open snapshots until the versions kept for the others fit in
+        ``max_retained`` (after a whole batch is installed: never in the middle)."""
+        limit = self.max_retained
+        if limit is None or self.retained <= limit:
+            return
+        self._prune()
+        while self.retained > limit and self._open:
+            oldest = min(self._open, key=self._open.__getitem__)
+            oldest.cut = True
+            self.snapshots_cut += 1
+            oldest.close()  # releases its versions: _release() recounts
 
     def _trim(self, head: Record) -> None:
         """Unlink the versions behind ``head`` that no open snapshot needs.
@@ -256,14 +279,21 @@ class State:
         tail.prev = None
 
     def _prune(self) -> None:
-        """Trim every chain; forget records that no longer chain."""
+        """Trim every chain; forget records that no longer chain; recount what the
+        chains keep alive."""
         keep: list[Record] = []
+        retained = 0
         for rec in self._dirty:
             self._trim(rec)
-            if rec.prev is not None:
+            v = rec.prev
+            if v is not None:
                 keep.append(rec)
+                while v is not None:
+                    retained += len(v.line)
+                    v = v.prev
         self._dirty = keep
         self._dirty_limit = max(1 << 16, 2 * len(keep))
+        self.retained = retained
 
     # -- snapshots -----------------------------------------------------------
     def snapshot(self, collections: frozenset[str] | None = None) -> Snapshot:
@@ -287,8 +317,10 @@ class State:
             return
         if self._open:
             self._open_seqs = sorted(set(self._open.values()), reverse=True)
+            self._prune()
             return
         self._open_seqs = []
+        self.retained = 0
         # The last snapshot closed: drop version chains and tombstone slots.
         for rec in self._dirty:
             rec.prev = None
@@ -306,7 +338,7 @@ class State:
 class Snapshot:
     """A cursor over the state as it was at ``seq``; read it in chunks with ``read``."""
 
-    __slots__ = ("_colls", "_ends", "_i", "_pos", "_state", "count", "seq", "total")
+    __slots__ = ("_colls", "_ends", "_i", "_pos", "_state", "count", "cut", "seq", "total")
 
     def __init__(self, state: State, seq: int, colls: list[Collection]) -> None:
         self._state: State | None = state
@@ -317,6 +349,7 @@ class Snapshot:
         self._i = 0
         self._pos = 0
         self.count = 0  # records returned so far
+        self.cut = False  # closed by the state: it kept too many old versions alive
 
     @property
     def done(self) -> bool:

@@ -82,7 +82,9 @@ class _Handlers:
             grant = self.grant_of(request, required=False)
         except ProtocolError as exc:
             return error_response(exc)
-        ws = web.WebSocketResponse(max_msg_size=self.host.config.max_line, heartbeat=None)
+        # Messages up to max_line are ours to refuse with a too_large frame (§10); only
+        # far bigger ones are cut by aiohttp itself (close 1009, no frame).
+        ws = web.WebSocketResponse(max_msg_size=4 * self.host.config.max_line, heartbeat=None)
         await ws.prepare(request)
         await WsConnection(self.host, request, ws, grant).run()
         return ws

@@ -14,13 +14,23 @@ Output to a client is bounded two ways:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Final
 
+from statecast.core.frames import encode_error
 from statecast.core.session import Session
-from statecast.errors import SlowConsumer
+from statecast.errors import SlowConsumer, TooManyConnections
 from statecast.transports.base import Host
 
-__all__ = ["CLOSE_LINGER", "HIGH_WATER", "LOW_WATER", "STREAM_STEP", "cut_slow_consumer"]
+__all__ = [
+    "CLOSE_LINGER",
+    "HIGH_WATER",
+    "LOW_WATER",
+    "STREAM_STEP",
+    "cut_slow_consumer",
+    "over_limit",
+    "refuse_connection",
+]
 
 log = logging.getLogger("statecast.transports.output")
 
@@ -31,9 +41,30 @@ STREAM_STEP: Final = 128 * 1024
 CLOSE_LINGER: Final = 2.0
 
 
-def over_limit(host: Host, waiting: int, more: int) -> bool:
-    """Whether ``more`` bytes on top of ``waiting`` would break the §7 bound."""
-    return waiting + more > host.config.max_pending
+def over_limit(host: Host, waiting: int) -> bool:
+    """§7: whether a subscriber has fallen behind: more than ``max_pending`` bytes
+    still wait for it when the next changes come. A subscriber that keeps up is never
+    cut off, however large one flush is (the fan-out hands out at most FLUSH_BYTES at
+    a time, so what waits stays under ``max_pending`` plus that)."""
+    return waiting > host.config.max_pending
+
+
+def refuse_connection(host: Host, write: Callable[[bytes], object], peer: str) -> bool:
+    """§7: past ``max_connections``, a new connection gets ``too_many_connections``
+    (and the caller closes it); whether it was refused."""
+    limit = host.config.max_connections
+    if limit is None or len(host.connections) < limit:
+        return False
+    host.connections.refused += 1
+    if host.connections.refused % 1000 == 1:  # a log line, not a log flood
+        log.warning(
+            "refusing connections beyond --max-connections %d (from %s; %d refused so far)",
+            limit,
+            peer,
+            host.connections.refused,
+        )
+    write(encode_error(TooManyConnections(f"the server has {limit} connections, its most")))
+    return True
 
 
 def cut_slow_consumer(host: Host, session: Session, peer: str, waiting: int) -> None:

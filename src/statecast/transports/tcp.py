@@ -23,6 +23,7 @@ from statecast.transports.output import (
     STREAM_STEP,
     cut_slow_consumer,
     over_limit,
+    refuse_connection,
 )
 
 __all__ = ["TcpConnection"]
@@ -42,7 +43,8 @@ class TcpConnection(asyncio.Protocol):
         self.last_send = 0.0  # the server's coarse clock at the last write
         self._write_paused = False
         self._read_paused = False
-        self._pump_handle: asyncio.Handle | None = None
+        self._reading_stopped = False  # for good: the server is shutting down
+        self._step_handle: asyncio.Handle | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._eof = False  # the client closed its sending side
         self._closing = False
@@ -57,6 +59,9 @@ class TcpConnection(asyncio.Protocol):
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
         host = self._host
+        if refuse_connection(host, t.write, self.peer):
+            self._close(CLOSE_LINGER)
+            return
         self.session = host.new_session(self, wakeup=self._after)
         self.last_send = host.clock
         host.connections.add(self)
@@ -73,24 +78,30 @@ class TcpConnection(asyncio.Protocol):
         self._after()
 
     def eof_received(self) -> bool:
-        # The client finished sending. Requests already received are still answered
-        # (``nc`` closes its side right after ``sync me``), so keep the socket open
-        # for writing until the session has nothing left to stream or to ack.
+        # The client finished sending. Requests already received are still answered,
+        # a last line without its newline too (``printf ping | nc -N``; ``nc`` closes
+        # its side right after ``sync me``), so keep the socket open for writing until
+        # the session has nothing left to stream or to ack.
         self._eof = True
         session = self.session
-        return session is not None and (session.subscribed or not session.settled)
+        if session is None or self._closing:
+            return False
+        session.receive_eof()
+        self._after()
+        return not self._closing
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = self._closing = True
-        if self._pump_handle is not None:
-            self._pump_handle.cancel()
-            self._pump_handle = None
+        if self._step_handle is not None:
+            self._step_handle.cancel()
+            self._step_handle = None
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        if self.session is not None:
-            self.session.close()
-        self._host.connections.discard(self)
+        session, self.session = self.session, None  # no cycle outlives the connection
+        if session is not None:
+            session.close()
+            self._host.connections.discard(self)
         log.debug("connection from %s closed%s", self.peer, f": {exc}" if exc else "")
 
     def pause_writing(self) -> None:
@@ -99,25 +110,21 @@ class TcpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        session = self.session
-        if session is not None and session.streaming:
-            self._schedule_pump()
-        else:
-            self._set_reading(True)
+        self._after()
 
     # -- fanout.Subscriber -----------------------------------------------------
     def deliver(self, blob: bytes) -> None:
-        if self._closing:
+        session = self.session
+        if self._closing or session is None:
             return
         t = self.transport
         assert t is not None
-        assert self.session is not None
-        pending = self.session.data_to_send()
+        pending = session.data_to_send()
         if pending:  # keep frames in the order they were produced
             t.write(pending)
         waiting = t.get_write_buffer_size()
-        if over_limit(self._host, waiting, len(blob)):
-            cut_slow_consumer(self._host, self.session, self.peer, waiting)
+        if over_limit(self._host, waiting):
+            cut_slow_consumer(self._host, session, self.peer, waiting)
             self._after()
             return
         t.write(blob)
@@ -129,6 +136,11 @@ class TcpConnection(asyncio.Protocol):
             return
         self.transport.write(encode_heartbeat(self._host.engine.fanout.flushed_seq))
         self.last_send = self._host.clock
+
+    def stop_reading(self) -> None:
+        """§8: the server is shutting down: read nothing more from this client."""
+        self._reading_stopped = True
+        self._set_reading(False)
 
     def shutdown(self) -> None:
         """§8: bye, then close once the output is written (the server aborts later)."""
@@ -147,7 +159,10 @@ class TcpConnection(asyncio.Protocol):
 
     # -- internals -------------------------------------------------------------
     def _after(self) -> None:
-        """Write what the session produced, then decide what runs next."""
+        """Write what the session produced, then decide what runs next (§7): a stream
+        step or the next slice of requests on a later loop turn, with reading paused
+        meanwhile; reading while the session waits for nothing and the socket takes
+        our output."""
         session = self.session
         t = self.transport
         if session is None or t is None or self._closing:
@@ -158,29 +173,37 @@ class TcpConnection(asyncio.Protocol):
             self.last_send = self._host.clock
         if session.closing:
             self._close(CLOSE_LINGER)
-        elif session.streaming:
+        elif session.streaming or session.backlog:
             self._set_reading(False)
-            self._schedule_pump()
+            if not session.waiting_for_acks or session.streaming:
+                self._schedule_step()
+            # else: an ack's wakeup calls _after() again
         elif self._eof and not session.subscribed and session.settled:
             self._close(CLOSE_LINGER)
         else:
             self._set_reading(not self._write_paused)
 
-    def _schedule_pump(self) -> None:
-        if self._pump_handle is None and not self._write_paused:
-            self._pump_handle = self._loop.call_soon(self._pump)
+    def _schedule_step(self) -> None:
+        if self._step_handle is None and not self._write_paused:
+            self._step_handle = self._loop.call_soon(self._step)
 
-    def _pump(self) -> None:
-        # One step per loop iteration, so one big sync never starves other clients.
-        self._pump_handle = None
+    def _step(self) -> None:
+        # One step per loop turn (a stream step, or a slice of requests), so one busy
+        # client never starves the others.
+        self._step_handle = None
         session = self.session
         if session is None or self._closing or self._write_paused:
             return
-        session.pump(STREAM_STEP)
+        if session.streaming:
+            session.pump(STREAM_STEP)
+        else:
+            session.resume()
         self._after()
 
     def _set_reading(self, on: bool) -> None:
         t = self.transport
+        if on and self._reading_stopped:
+            return
         if t is None or self._closing or on is not self._read_paused:
             return  # gone, or already reading (on) / already paused (off)
         if on:

@@ -18,13 +18,19 @@ import contextlib
 import logging
 from collections import deque
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from statecast.core.frames import encode_heartbeat
 from statecast.core.policy import Grant
 from statecast.core.session import Session
+from statecast.errors import TooLarge
 from statecast.transports.base import Host
-from statecast.transports.output import STREAM_STEP, cut_slow_consumer, over_limit
+from statecast.transports.output import (
+    STREAM_STEP,
+    cut_slow_consumer,
+    over_limit,
+    refuse_connection,
+)
 
 __all__ = ["WsConnection"]
 
@@ -50,12 +56,22 @@ class WsConnection:
         self._queued = 0  # bytes in _out
         self._wake = asyncio.Event()
         self._stream_idle = asyncio.Event()  # set when no stream is running
+        self._answered = asyncio.Event()  # the session produced output (an ack came)
         self._closing = False
+        self._close_code = WSCloseCode.OK
+        self._reading_stopped = False
         self.session: Session = host.new_session(self, wakeup=self._take_output, grant=grant)
 
     # -- the handler -------------------------------------------------------------------
     async def run(self) -> None:
         host = self._host
+        refused: list[bytes] = []
+        if refuse_connection(host, refused.append, self.peer):
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self._ws.send_frame(refused[0][:-1], WSMsgType.TEXT)
+                await self._ws.close()
+            self.session.close()
+            return
         host.connections.add(self)
         sender = asyncio.get_running_loop().create_task(self._send_loop())
         try:
@@ -63,23 +79,16 @@ class WsConnection:
                 self.session.shutdown()
             self._take_output()
             async for msg in self._ws:
-                if msg.type == WSMsgType.TEXT:
-                    data = msg.data.encode()
-                elif msg.type == WSMsgType.BINARY:
-                    data = msg.data
-                else:
+                data = self._request_of(msg)
+                if data is None:
                     break
-                if not data.endswith(b"\n"):
-                    data += b"\n"  # one message, one request (§10)
+                if self._reading_stopped:
+                    continue  # §8: shutting down; nothing more is handled
                 self.session.receive_data(data)
                 self._take_output()
                 if self.session.closing:
                     break
-                while self.session.streaming and not self._closing:
-                    # Requests wait while a stream runs (§5.4), and are not read meanwhile.
-                    self._stream_idle.clear()
-                    self._wake.set()
-                    await self._stream_idle.wait()
+                await self._settle()
         finally:
             self._closing = True
             self._wake.set()
@@ -90,7 +99,45 @@ class WsConnection:
             self.session.close()
             host.connections.discard(self)
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await self._ws.close()
+                await self._ws.close(code=self._close_code)
+
+    def _request_of(self, msg: WSMessage) -> bytes | None:
+        """The request bytes of one message (§10), or None when the connection ends."""
+        if msg.type == WSMsgType.TEXT:
+            data: bytes = msg.data.encode()
+        elif msg.type == WSMsgType.BINARY:
+            data = msg.data
+        else:
+            return None
+        limit = self._host.config.max_line
+        if len(data) > limit:  # §1, §10: too_large as a frame, then close 1009
+            self.session.fail(TooLarge(f"a message longer than {limit} bytes"))
+            self._close_code = WSCloseCode.MESSAGE_TOO_BIG
+            self._take_output()
+            return None
+        if not data.endswith(b"\n"):
+            data += b"\n"  # one message, one request (§10)
+        return data
+
+    async def _settle(self) -> None:
+        """Wait, reading nothing more, while a stream runs (§5.4) or requests wait for
+        their turn (§7: a slice per loop turn; publishes waiting for their acks)."""
+        session = self.session
+        while not self._closing and not session.closing:
+            if session.streaming:
+                self._stream_idle.clear()
+                self._wake.set()
+                await self._stream_idle.wait()
+            elif session.backlog:
+                if session.waiting_for_acks:
+                    self._answered.clear()
+                    await self._answered.wait()
+                else:
+                    await asyncio.sleep(0)  # the others' turn
+                    session.resume()
+                    self._take_output()
+            else:
+                return
 
     async def _send_loop(self) -> None:
         ws = self._ws
@@ -127,6 +174,7 @@ class WsConnection:
             self._out.append(out)
             self._queued += len(out)
         self._wake.set()
+        self._answered.set()
 
     def _buffered(self) -> int:
         t = self._request.transport
@@ -138,7 +186,7 @@ class WsConnection:
             return
         self._take_output()
         waiting = self._buffered()
-        if over_limit(self._host, waiting, len(blob)):
+        if over_limit(self._host, waiting):
             cut_slow_consumer(self._host, self.session, self.peer, waiting)
             self._out.clear()  # what was queued is dropped: the bound holds
             self._queued = 0
@@ -155,6 +203,9 @@ class WsConnection:
             self._out.append(frame)
             self._queued += len(frame)
             self._wake.set()
+
+    def stop_reading(self) -> None:
+        self._reading_stopped = True
 
     def shutdown(self) -> None:
         self.session.shutdown()
