@@ -92,9 +92,32 @@ class _ServerCollector(Collector):
             "Requests and connections refused by a limit (§7), by limit.",
             labels=["limit"],
         )
-        for name in ("max_changes", "max_value", "rate", "connections_per_user", "auth_timeout"):
-            limits.add_metric([name], engine.limit_hits.get(name, 0))
+        hits = dict(engine.limit_hits)
+        hits["max_connections"] = connections.refused
+        hits["snapshot_retained"] = engine.store.state.snapshots_cut
+        for name in (
+            "max_changes",
+            "max_value",
+            "rate",
+            "connections_per_user",
+            "auth_timeout",
+            "request_timeout",
+            "snapshot_timeout",
+            "snapshot_retained",
+            "max_connections",
+        ):
+            limits.add_metric([name], hits.get(name, 0))
         yield limits
+        yield GaugeMetricFamily(
+            "statecast_snapshot_retained_bytes",
+            "Old versions kept alive for open snapshots, in bytes (--max-snapshot-retained).",
+            value=engine.store.state.retained,
+        )
+        yield GaugeMetricFamily(
+            "statecast_open_snapshots",
+            "Snapshots being streamed.",
+            value=engine.store.state.open_snapshots,
+        )
 
 
 class Metrics:

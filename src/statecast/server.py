@@ -49,7 +49,7 @@ from statecast.security import (
 )
 from statecast.stores import open_store
 from statecast.transports.base import Connections
-from statecast.transports.http import make_app
+from statecast.transports.http import TimedAppRunner, make_app
 from statecast.transports.tcp import TcpConnection
 
 __all__ = ["Server"]
@@ -58,6 +58,36 @@ log = logging.getLogger("statecast.server")
 
 Changes = Iterable[Change | Mapping[str, Any]] | Change | Mapping[str, Any]
 AnyFuture = asyncio.Future[int] | concurrent.futures.Future[int]
+
+
+# File descriptors kept free beyond --max-connections: the store, /healthz, /metrics,
+# the log, a few HTTP requests still work when every client slot is taken (§7).
+FD_HEADROOM = 256
+
+
+def fd_headroom(max_connections: int | None) -> None:
+    """Raise the soft limit on open files as far as the hard one allows, and say so
+    when --max-connections would not leave FD_HEADROOM descriptors free."""
+    try:
+        import resource  # noqa: PLC0415 (Unix only)
+    except ImportError:  # pragma: no cover (Windows)
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:
+            log.debug("cannot raise the open file limit to %d: %s", want, exc)
+    if max_connections is not None and max_connections + FD_HEADROOM > soft:
+        log.warning(
+            "--max-connections %d leaves fewer than %d of the %d open files this process "
+            "may have for everything else: lower it, or raise 'ulimit -n'",
+            max_connections,
+            FD_HEADROOM,
+            soft,
+        )
 
 
 def _settle(fut: AnyFuture) -> Callable[[int | ProtocolError], None]:
@@ -92,7 +122,7 @@ class Server:
         self._serving = False  # listening, and not stopping
         self._started_at = 0.0
         self._engine_callbacks: list[Callable[[Engine], object]] = []
-        self._http: web.AppRunner | None = None
+        self._http: TimedAppRunner | None = None
         self._http_site: web.TCPSite | None = None
         self.clock = 0.0  # loop time, refreshed by the heartbeat timer
         # Access control and TLS (security.py); checked here, so that a bad key file
@@ -114,7 +144,14 @@ class Server:
         cfg = self.config
         if cfg.http_port is not None:
             # HTTP first: /healthz and /readyz answer while the store loads.
-            self._http = web.AppRunner(make_app(self), access_log=None)
+            # Idle keep-alive connections close after a while, stalled requests after
+            # --request-timeout (§7; aiohttp's own default keeps them an hour).
+            self._http = TimedAppRunner(
+                make_app(self),
+                request_timeout=cfg.request_timeout,
+                access_log=None,
+                keepalive_timeout=75.0,
+            )
             await self._http.setup()
             self._http_site = web.TCPSite(
                 self._http, cfg.host, cfg.http_port, reuse_address=True, ssl_context=self.ssl
@@ -140,6 +177,7 @@ class Server:
 
     async def _open_and_listen(self, loop: asyncio.AbstractEventLoop) -> None:
         cfg = self.config
+        fd_headroom(cfg.max_connections)
         store = open_store(cfg)
         log.info("opening store %s", store.description)
         # Loading a large store takes seconds: keep the loop free meanwhile.
@@ -433,11 +471,13 @@ class Server:
         while True:
             await asyncio.sleep(tick)
             self.clock = now = loop.time()
+            if self._http is not None and self._http.timed is not None:
+                self._http.timed.close_stalled()  # §7 --request-timeout, over HTTP
             for conn in self.connections:
                 session = conn.session
                 if session is None:
                     continue
-                session.tick()  # token expiry, auth timeout (§3.8)
+                session.tick()  # token expiry; auth, request, idle, snapshot timeouts
                 if (
                     interval is not None
                     and session.joined

@@ -9,25 +9,36 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import time
+import weakref
 from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from statecast.core.filters import parse_where
-from statecast.core.frames import Ack, ErrorFrame, SnapshotEnd, encode
+from statecast.core.frames import Ack, ErrorFrame, SnapshotEnd, encode, encode_error
 from statecast.core.policy import Grant
 from statecast.core.protocol import parse_publish_body
 from statecast.core.session import admit_publish, view_of
 from statecast.core.view import View
-from statecast.errors import BadRequest, ProtocolError, TooLarge, Unauthorized, Unavailable
+from statecast.errors import (
+    BadRequest,
+    ProtocolError,
+    SlowConsumer,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
 from statecast.metrics import Metrics
 from statecast.transports.base import Host
 from statecast.transports.output import STREAM_STEP
 from statecast.transports.websocket import WsConnection
 
-__all__ = ["make_app"]
+__all__ = ["QuietClientErrors", "TimedAppRunner", "TimedServer", "make_app"]
 
 log = logging.getLogger("statecast.transports.http")
 _WEB = importlib.resources.files("statecast") / "web"
@@ -109,6 +120,8 @@ class _Handlers:
             headers["X-Statecast-Count"] = str(snap.total)
         sent = 0
         try:
+            if request.method == "HEAD":  # the headers only
+                return web.Response(headers=headers)
             resp = web.StreamResponse(headers=headers)
             await resp.prepare(request)
             while not snap.done:
@@ -118,8 +131,13 @@ class _Handlers:
                 if lines:
                     sent += len(lines)
                     await resp.write(b"".join(lines))  # waits while the client is slow
-            await resp.write(encode(SnapshotEnd(snap.seq, sent)))
+            if snap.cut:  # §7: it kept too many old versions alive; say so, last
+                await resp.write(encode_error(SlowConsumer("the snapshot was cut: sync again")))
+            else:
+                await resp.write(encode(SnapshotEnd(snap.seq, sent)))
             await resp.write_eof()
+        except ConnectionError:  # the client went away mid-way: nothing to report
+            log.debug("snapshot client %s left at record %d", request.remote, sent)
         finally:
             snap.close()  # also when the client went away mid-way
         return resp
@@ -188,6 +206,108 @@ def _static(name: str) -> Any:
         )
 
     return handler
+
+
+class QuietClientErrors(logging.Filter):
+    """aiohttp logs a traceback at ERROR for each client that leaves mid-response or
+    sends a malformed request: client behaviour, not a server fault. They become one
+    INFO line without traceback, at most one per ``every`` seconds."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every = every
+        self._last = 0.0
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not isinstance(exc, ConnectionError | HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._last < self.every:
+            self.suppressed += 1
+            return False
+        self._last = now
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg = "HTTP client error (%s)%s"
+        record.args = (
+            " ".join(str(exc).split()),
+            f"; {self.suppressed} more not logged" if self.suppressed else "",
+        )
+        record.exc_info = None
+        record.exc_text = None
+        self.suppressed = 0
+        return True
+
+
+_quiet = QuietClientErrors()
+logging.getLogger("aiohttp.server").addFilter(_quiet)
+
+
+class _TimedRequestHandler(RequestHandler):
+    """aiohttp's connection handler, which also notes when the client began a request
+    it has not finished sending (§7 ``--request-timeout``: a slowloris client is
+    closed; aiohttp itself times out only idle keep-alive connections)."""
+
+    begun: float | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.begun is None:
+            self.begun = time.monotonic()
+        super().data_received(data)
+        if getattr(self, "_messages", None):  # the request's head is complete
+            self.begun = None
+
+
+class TimedServer(web.Server):
+    """``web.Server`` making :class:`_TimedRequestHandler` connections, and closing
+    those that have not finished a request head within ``request_timeout``."""
+
+    request_timeout: float | None = None
+    _handlers: weakref.WeakSet[_TimedRequestHandler]
+    closed_slow = 0
+
+    def __call__(self) -> RequestHandler:
+        handler = _TimedRequestHandler(self, loop=self._loop, **self._kwargs)
+        self._handlers.add(handler)
+        return handler
+
+    def close_stalled(self) -> None:
+        """Close the connections that began a request more than ``request_timeout``
+        seconds ago and still have not sent its head (called about once a second)."""
+        timeout = self.request_timeout
+        if timeout is None:
+            return
+        now = time.monotonic()
+        for handler in list(self._handlers):
+            begun = handler.begun
+            if begun is not None and now - begun >= timeout and handler.transport is not None:
+                self.closed_slow += 1
+                handler.begun = None
+                handler.transport.close()
+
+
+class TimedAppRunner(web.AppRunner):
+    """An AppRunner whose server is a :class:`TimedServer`. aiohttp builds the server
+    inside ``Application._make_handler`` and discourages subclassing Application, so
+    the server it built is made a TimedServer (a subclass adding one method and a
+    factory: the same layout)."""
+
+    def __init__(
+        self, app: web.Application, *, request_timeout: float | None, **kwargs: Any
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self.request_timeout = request_timeout
+        self.timed: TimedServer | None = None
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = TimedServer
+        assert isinstance(server, TimedServer)
+        server.request_timeout = self.request_timeout
+        server._handlers = weakref.WeakSet()
+        self.timed = server
+        return server
 
 
 def make_app(host: Host) -> web.Application:
