@@ -62,8 +62,8 @@ class Config:
     max_value: int | None = None  # bytes of one value (None: max_line bounds it)
     max_connections_per_user: int | None = None  # per token 'sub', with auth (§7)
     max_connections: int | None = 10_000  # open client connections in all (§7)
-    max_inflight: int = 64  # publishes of one connection waiting for their ack (§7)
-    max_inflight_total: int = 4096  # ... of all connections
+    max_inflight: int = 16  # publishes of one connection waiting for their ack (§7)
+    max_inflight_total: int = 256  # ... of all connections
     max_snapshot_retained: int | None = 256 * MiB  # old versions kept for open snapshots
     max_request_rate: float | None = None  # requests/s per connection, sustained (§7)
     request_burst: int = 1000  # ... and at once

@@ -14,7 +14,12 @@ from typing import Any, Final, TypeAlias
 import msgspec
 
 from statecast.core.frames import PROTOCOL_VERSION, RequestId
-from statecast.core.values import MAX_DEPTH, InvalidValue, canonical_value, check_text
+from statecast.core.values import (
+    MAX_DEPTH,
+    InvalidValue,
+    canonical_value,
+    check_text,
+)
 from statecast.errors import BadRequest
 
 __all__ = [
@@ -295,8 +300,14 @@ def prepare_change(change: Change | Mapping[str, Any], where: str = "change") ->
 
 def prepare_changes(
     changes: Iterable[Change | Mapping[str, Any]] | Change | Mapping[str, Any] | PublishRequest,
+    *,
+    plain: bool = False,
 ) -> list[PreparedChange]:
-    """Validate a whole batch; any invalid change rejects all of it (§3.3)."""
+    """Validate a whole batch; any invalid change rejects all of it (§3.3).
+
+    ``plain``: the request line the batch came from passed :func:`values.plain_line`
+    (compact printable ASCII, no escapes), so a value only needs its depth checked.
+    """
     if isinstance(changes, PublishRequest):
         # The hot path of ingest: msgspec has checked the types already.
         rid = changes.id
@@ -316,6 +327,11 @@ def prepare_changes(
                 if not raw:
                     where = f"changes[{changes.changes.index(c)}]"
                     raise BadRequest(f"{where}: needs a 'value', or 'delete': true", request_id=rid)
+                # A plain line's values are canonical once shallow (values.shallow,
+                # inlined: this runs once per change).
+                if plain and raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+                    append((collection, key, _encode(key), raw))
+                    continue
                 try:
                     # §9: stored values are compact, one-line, valid UTF-8 JSON; values
                     # that already are pass through untouched (the fast path).

@@ -64,6 +64,7 @@ from statecast.core.protocol import (
     validate_collections,
 )
 from statecast.core.state import Record, Snapshot
+from statecast.core.values import plain_line
 from statecast.core.view import View
 from statecast.errors import (
     BadRequest,
@@ -164,7 +165,7 @@ class Limits:
 
 
 def admit_publish(
-    request: PublishRequest, grant: Grant, limits: Limits, engine: Engine
+    request: PublishRequest, grant: Grant, limits: Limits, engine: Engine, *, plain: bool = False
 ) -> list[PreparedChange]:
     """§3.3, §3.8, §9: a publish's batch, once the grant allows every collection it
     writes and it is within the limits; raises (nothing applied) otherwise. Every
@@ -177,7 +178,7 @@ def admit_publish(
             request_id=rid,
         )
     grant.check_publish((c.collection for c in request.changes), rid)
-    batch = prepare_changes(request)
+    batch = prepare_changes(request, plain=plain)
     if limits.max_value is not None:
         for i, (_, _, _, value) in enumerate(batch):
             if value is not None and len(value) > limits.max_value:
@@ -543,7 +544,7 @@ class Session:
             if self.grant is None:
                 raise self._unauthenticated(rid)
             if isinstance(request, PublishRequest):
-                self._publish(request)
+                self._publish(request, plain_line(line))
             elif isinstance(request, SyncRequest):
                 self._sync(request)
             elif isinstance(request, SubscribeRequest):
@@ -626,11 +627,11 @@ class Session:
             raise BadRequest("this server does not expose stats", request_id=rid)
         self._out.append(encode(Stats(**self._stats(), id=rid)))
 
-    def _publish(self, request: PublishRequest) -> None:
+    def _publish(self, request: PublishRequest, plain: bool) -> None:
         """§3.3: the ack comes once the store has committed the batch."""
         rid = request.id
         assert self.grant is not None
-        batch = admit_publish(request, self.grant, self._limits, self._engine)
+        batch = admit_publish(request, self.grant, self._limits, self._engine, plain=plain)
 
         def done(result: int | ProtocolError) -> None:
             self.acks_pending -= 1

@@ -70,7 +70,7 @@ from typing import Final
 
 import msgspec
 
-__all__ = ["MAX_DEPTH", "InvalidValue", "canonical_value", "check_text"]
+__all__ = ["MAX_DEPTH", "InvalidValue", "canonical_value", "check_text", "plain_line", "shallow"]
 
 MAX_DEPTH: Final = 64
 """How many levels of arrays/objects a value may nest (docs/protocol.md §9)."""
@@ -93,6 +93,22 @@ _NOT_BRACKET: Final = bytes(b for b in range(256) if b not in b"[]{}")
 _SQUARE: Final = bytes.maketrans(b"{}", b"[]")
 _TOO_DEEP_RUN: Final = b"[" * (MAX_DEPTH + 1)
 _DEEP_REASON: Final = f"nested deeper than {MAX_DEPTH} levels"
+
+
+_PLAIN_LINE: Final = bytes(b for b in range(0x21, 0x80) if b != 0x5C)
+
+
+def plain_line(line: bytes) -> bool:
+    """Whether a whole request line is compact printable ASCII without escapes: then
+    every value in it is canonical as soon as it is :func:`shallow` (one pass over the
+    line instead of one per value, on the ingest hot path)."""
+    return not line.translate(None, _PLAIN_LINE)
+
+
+def shallow(raw: bytes) -> bool:
+    """Whether a value of a :func:`plain_line` has at most MAX_DEPTH opening brackets
+    (so it cannot nest deeper)."""
+    return raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH
 
 
 def canonical_value(raw: bytes) -> bytes:
