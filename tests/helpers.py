@@ -60,7 +60,7 @@ class ServeProcess:
             if not line:
                 break
             self.lines.append(line)
-            m = re.search(r"listening on tcp://[^:]+:(\d+)", line)
+            m = re.search(r"listening on (?:tcp|tls)://[^:]+:(\d+)", line)
             if m:
                 # Keep reading its output, so that the pipe never fills and blocks it.
                 self._reader = threading.Thread(target=self._drain, daemon=True)

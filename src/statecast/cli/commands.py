@@ -1,7 +1,8 @@
 """The client commands of ``statecast``: sync, watch, publish, stats.
 
-Each is a coroutine that returns an exit status; ``cli.py`` maps the command line
-onto them. Progress and status go to standard error, data to standard output, so
+Each is a coroutine that returns an exit status; ``main.py`` maps the command line
+onto them, and a :class:`Target` says where and how to connect (``--url``,
+``--ca-file``, ``--token``). Progress and status go to standard error, data to standard output, so
 that ``statecast sync > state.ndjson`` and ``statecast watch --json | jq`` work.
 """
 
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import IO, Any
 
 import msgspec
@@ -27,16 +30,43 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from statecast.client.connection import Client
+from statecast.client.connection import (
+    DEFAULT_URL,
+    Client,
+    check_token_settings,
+    parse_address,
+    tls_context_for,
+)
 from statecast.client.replica import Replica, Resynced, Status
 from statecast.core.frames import ChangeFrame, SnapshotBegin, SnapshotEnd, encode
 from statecast.core.protocol import Change
-from statecast.errors import ConnectionClosed, ProtocolError, StatecastError
+from statecast.errors import ConfigError, ConnectionClosed, ProtocolError, StatecastError
 from statecast.loops import new_event_loop
 
-__all__ = ["publish_many", "publish_one", "run_tool", "stats", "sync", "watch"]
+__all__ = ["Target", "publish_many", "publish_one", "run_tool", "stats", "sync", "watch"]
 
 _encode = msgspec.json.encode
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where and how a client command connects: ``--url``, ``--ca-file``, ``--token``."""
+
+    url: str = DEFAULT_URL
+    ca_file: str | None = None
+    token: str | None = None
+
+    def check(self) -> Target:
+        """:class:`ConfigError` for a bad URL, CA file or token, before connecting."""
+        tls_context_for(parse_address(self.url), self.ca_file, None)
+        check_token_settings(self.token, None)
+        return self
+
+    def client(self) -> Client:
+        return Client(self.url, ca_file=self.ca_file, token=self.token)
+
+    def replica(self, **options: Any) -> Replica:
+        return Replica(self.url, ca_file=self.ca_file, token=self.token, **options)
 
 
 def run_tool(coro: Callable[[], Awaitable[int]]) -> int:
@@ -47,6 +77,9 @@ def run_tool(coro: Callable[[], Awaitable[int]]) -> int:
             return runner.run(coro())  # type: ignore[arg-type]
         except KeyboardInterrupt:
             return 130
+        except ConfigError as exc:  # a setting, not the server: a usage error
+            err.print(f"[red]statecast:[/] {escape(str(exc))}")
+            return 2
         except ConnectionClosed as exc:
             err.print(f"[red]statecast:[/] {escape(str(exc))}")
             return 1
@@ -63,12 +96,12 @@ def _mb(n: int) -> str:
 
 
 # -- sync ---------------------------------------------------------------------------
-async def sync(url: str, collections: list[str] | None, output: IO[bytes], label: str) -> int:
+async def sync(target: Target, collections: list[str] | None, output: IO[bytes], label: str) -> int:
     """Write the snapshot as NDJSON ``record`` lines; progress on a terminal."""
     err = Console(stderr=True, soft_wrap=True)
     show = err.is_terminal
     t0 = time.monotonic()
-    async with Client(url) as client:
+    async with target.client() as client:
         start_bytes = client.bytes_received
         progress = Progress(
             TextColumn("[bold]sync[/]"),
@@ -138,7 +171,7 @@ _STATUS_STYLE = {
 }
 
 
-async def watch(url: str, collections: list[str] | None, as_json: bool) -> int:
+async def watch(target: Target, collections: list[str] | None, as_json: bool) -> int:
     """Sync, then show every change; reconnect and resume by itself, saying so."""
     out = Console(highlight=False, soft_wrap=False)
     err = Console(stderr=True, highlight=False)
@@ -175,18 +208,18 @@ async def watch(url: str, collections: list[str] | None, as_json: bool) -> int:
     def on_resync(event: Resynced) -> None:
         err.print(f"[yellow]● resynced[/] at seq {event.seq} (epoch {event.epoch})")
 
-    replica = Replica(
-        url,
+    replica = target.replica(
         collections=collections,
         on_change=on_change,
         on_status=on_status,
         on_resync=on_resync,
     )
-    # Fail fast (exit 1) if the server cannot be reached at all at first; later
-    # failures are the replica's to ride out.
-    probe = Client(url)
-    await probe.connect()
-    await probe.close()
+    # Fail fast (exit 1) if the server cannot be reached at all at first, or refuses
+    # us (a ping needs a valid token on a server with auth); later failures are the
+    # replica's to ride out, and its status lines say what happens.
+    async with target.client() as probe:
+        await probe.ping()
+    logging.getLogger("statecast.client").setLevel(logging.ERROR)  # said by on_status
     async with replica:
         await replica.wait_synced()
         if not as_json:
@@ -201,20 +234,20 @@ async def watch(url: str, collections: list[str] | None, as_json: bool) -> int:
 
 
 # -- publish ------------------------------------------------------------------------
-async def publish_one(url: str, change: Change) -> int:
-    async with Client(url) as client:
+async def publish_one(target: Target, change: Change) -> int:
+    async with target.client() as client:
         seq = await client.publish([change])
     print(seq)
     return 0
 
 
-async def publish_many(url: str, lines: IO[bytes], batch: int, window: int = 8) -> int:
+async def publish_many(target: Target, lines: IO[bytes], batch: int, window: int = 8) -> int:
     """Publish NDJSON changes from ``lines`` in batches, ``window`` in flight."""
     decoder = msgspec.json.Decoder(dict[str, Any])
     err = Console(stderr=True, highlight=False)
     total = 0
     last = 0
-    async with Client(url) as client:
+    async with target.client() as client:
         inflight: list[asyncio.Task[int]] = []
 
         async def settle(keep: int) -> None:
@@ -245,9 +278,9 @@ async def publish_many(url: str, lines: IO[bytes], batch: int, window: int = 8) 
 
 
 # -- stats --------------------------------------------------------------------------
-async def stats(url: str, interval: float, as_json: bool) -> int:
+async def stats(target: Target, interval: float, as_json: bool) -> int:
     """The server's counters, and rates measured over ``interval`` seconds."""
-    async with Client(url) as client:
+    async with target.client() as client:
         first = await client.stats()
         t0 = time.monotonic()
         await asyncio.sleep(interval)
@@ -261,7 +294,7 @@ async def stats(url: str, interval: float, as_json: bool) -> int:
     if as_json or not sys.stdout.isatty():
         sys.stdout.buffer.write(_encode(data) + b"\n")
         return 0
-    table = Table(title=f"statecast at {url}", show_header=False, title_justify="left")
+    table = Table(title=f"statecast at {target.url}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     for key, value in data.items():

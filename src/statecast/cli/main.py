@@ -8,21 +8,26 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 import msgspec
 
+from statecast import tokens
 from statecast._version import __version__
 from statecast.cli import commands as tools
 from statecast.cli.demo import TradingDesk
 from statecast.client.connection import DEFAULT_URL
 from statecast.config import Config
+from statecast.core.filters import parse_where
+from statecast.core.policy import Grant, Scope
 from statecast.core.protocol import Change
-from statecast.errors import ConfigError, StatecastError
+from statecast.errors import BadRequest, ConfigError, StatecastError
 from statecast.loops import new_event_loop
 from statecast.server import Server
+from statecast.tokens import MAX_KEY_FILE_SIZE
 
 __all__ = ["main", "run"]
 
@@ -190,6 +195,30 @@ def main() -> None:
     help="Most connections of one token subject ('sub'), with auth (off: no limit).",
 )
 @option(
+    "--max-connections",
+    default=_defaults.max_connections,
+    type=OffType(int, zero_is_off=True),
+    help="Most open client connections; more get too_many_connections (off: no limit).",
+)
+@option(
+    "--max-inflight",
+    default=_defaults.max_inflight,
+    type=int,
+    help="Publishes of one connection waiting for their ack before it is read no further.",
+)
+@option(
+    "--max-inflight-total",
+    default=_defaults.max_inflight_total,
+    type=int,
+    help="Publishes of all connections waiting for their ack before reading pauses.",
+)
+@option(
+    "--max-snapshot-retained",
+    default=_defaults.max_snapshot_retained,
+    type=OffType(int, zero_is_off=True),
+    help="Bytes of old versions kept for open snapshots; past it the oldest is cut (off).",
+)
+@option(
     "--max-request-rate",
     default=_defaults.max_request_rate,
     type=OffType(float, zero_is_off=True),
@@ -224,6 +253,24 @@ def main() -> None:
     default=_defaults.auth_timeout,
     type=float,
     help="Seconds a connection has to authenticate, with auth on.",
+)
+@option(
+    "--request-timeout",
+    default=_defaults.request_timeout,
+    type=OffType(float, zero_is_off=True),
+    help="Seconds a client may take to finish a request line once begun (slowloris; off).",
+)
+@option(
+    "--idle-timeout",
+    default=_defaults.idle_timeout,
+    type=OffType(float, zero_is_off=True),
+    help="Close connections with no subscription that send nothing this long (off).",
+)
+@option(
+    "--snapshot-timeout",
+    default=_defaults.snapshot_timeout,
+    type=OffType(float, zero_is_off=True),
+    help="Cut a snapshot the client has not read from this long, with slow_consumer (off).",
 )
 @option(
     "--demo",
@@ -303,8 +350,35 @@ def url_option(fn: FC) -> FC:
         envvar="STATECAST_URL",
         show_envvar=True,
         show_default=True,
-        help="The server, tcp://HOST:PORT.",
+        help="The server's TCP port: tcp://HOST:PORT, or tls://HOST:PORT for TLS.",
     )(fn)
+
+
+def client_options(fn: FC) -> FC:
+    """``--url``, ``--ca-file`` and ``--token``: where and how a client command connects."""
+    fn = click.option(
+        "--token",
+        envvar="STATECAST_TOKEN",
+        show_envvar=True,
+        help="Access token, for a server that requires them (see 'statecast token'); "
+        "prefer the environment variable, which other users cannot see in ps.",
+    )(fn)
+    fn = click.option(
+        "--ca-file",
+        envvar="STATECAST_CA_FILE",
+        show_envvar=True,
+        type=click.Path(dir_okay=False, exists=True),
+        help="PEM bundle of the CAs that may sign a tls:// server's certificate "
+        "(default: the system's).",
+    )(fn)
+    return url_option(fn)
+
+
+def _target(url: str, ca_file: str | None, token: str | None) -> tools.Target:
+    try:
+        return tools.Target(url, ca_file, token).check()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _collections(text: str | None) -> list[str] | None:
@@ -312,7 +386,7 @@ def _collections(text: str | None) -> list[str] | None:
 
 
 @main.command("sync")
-@url_option
+@client_options
 @click.option("--collections", help="Comma-separated collections (default: all).")
 @click.option(
     "--output",
@@ -321,31 +395,37 @@ def _collections(text: str | None) -> list[str] | None:
     default="-",
     help="File to write the NDJSON snapshot to (default: standard output).",
 )
-def sync_command(url: str, collections: str | None, output: str) -> None:
+def sync_command(
+    url: str, ca_file: str | None, token: str | None, collections: str | None, output: str
+) -> None:
     """Write the server's state as NDJSON record lines."""
+    target = _target(url, ca_file, token)
     if output == "-":
         code = tools.run_tool(
-            lambda: tools.sync(url, _collections(collections), sys.stdout.buffer, "stdout")
+            lambda: tools.sync(target, _collections(collections), sys.stdout.buffer, "stdout")
         )
     else:
         with open(output, "wb") as f:
-            code = tools.run_tool(lambda: tools.sync(url, _collections(collections), f, output))
+            code = tools.run_tool(lambda: tools.sync(target, _collections(collections), f, output))
     sys.exit(code)
 
 
 @main.command("watch")
-@url_option
+@client_options
 @click.option("--collections", help="Comma-separated collections (default: all).")
 @click.option(
     "--json", "as_json", is_flag=True, help="NDJSON change frames (the default when piped)."
 )
-def watch_command(url: str, collections: str | None, as_json: bool) -> None:
+def watch_command(
+    url: str, ca_file: str | None, token: str | None, collections: str | None, as_json: bool
+) -> None:
     """Sync, then show every change as it happens; reconnect and resume by itself."""
-    sys.exit(tools.run_tool(lambda: tools.watch(url, _collections(collections), as_json)))
+    target = _target(url, ca_file, token)
+    sys.exit(tools.run_tool(lambda: tools.watch(target, _collections(collections), as_json)))
 
 
 @main.command("publish")
-@url_option
+@client_options
 @click.option("--delete", "delete", is_flag=True, help="Delete COLLECTION KEY.")
 @click.option(
     "--ndjson", is_flag=True, help="Read changes, one JSON object a line, from standard input."
@@ -359,7 +439,14 @@ def watch_command(url: str, collections: str | None, as_json: bool) -> None:
 )
 @click.argument("args", nargs=-1)
 def publish_command(
-    url: str, delete: bool, ndjson: bool, batch: int, args: tuple[str, ...]
+    *,
+    url: str,
+    ca_file: str | None,
+    token: str | None,
+    delete: bool,
+    ndjson: bool,
+    batch: int,
+    args: tuple[str, ...],
 ) -> None:
     """Publish changes and print the acknowledged seq.
 
@@ -368,10 +455,11 @@ def publish_command(
     statecast publish --delete COLLECTION KEY
     statecast publish --ndjson < changes.ndjson
     """
+    target = _target(url, ca_file, token)
     if ndjson:
         if args:
             raise click.UsageError("--ndjson takes no arguments: changes come from standard input")
-        sys.exit(tools.run_tool(lambda: tools.publish_many(url, sys.stdin.buffer, batch)))
+        sys.exit(tools.run_tool(lambda: tools.publish_many(target, sys.stdin.buffer, batch)))
     if delete:
         if len(args) != 2:
             raise click.UsageError("usage: statecast publish --delete COLLECTION KEY")
@@ -384,11 +472,11 @@ def publish_command(
         except msgspec.DecodeError as exc:
             raise click.UsageError(f"JSON is not valid JSON: {exc}") from None
         change = Change(args[0], args[1], value)
-    sys.exit(tools.run_tool(lambda: tools.publish_one(url, change)))
+    sys.exit(tools.run_tool(lambda: tools.publish_one(target, change)))
 
 
 @main.command("stats")
-@url_option
+@client_options
 @click.option(
     "--interval",
     default=1.0,
@@ -397,6 +485,216 @@ def publish_command(
     help="Seconds over which rates are measured.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (the default when piped).")
-def stats_command(url: str, interval: float, as_json: bool) -> None:
+def stats_command(
+    url: str, ca_file: str | None, token: str | None, interval: float, as_json: bool
+) -> None:
     """The server's seq, epoch, connections, counters and rates."""
-    sys.exit(tools.run_tool(lambda: tools.stats(url, interval, as_json)))
+    target = _target(url, ca_file, token)
+    sys.exit(tools.run_tool(lambda: tools.stats(target, interval, as_json)))
+
+
+# -- statecast token --------------------------------------------------------------------
+class _OneLineUsageError(click.UsageError):
+    """A usage error of ``statecast token``, shown as one line on standard error."""
+
+    def show(self, file: Any = None) -> None:
+        message = " ".join(self.format_message().split())
+        click.echo(f"statecast token: {message} (see statecast token --help)", err=True)
+
+
+class _OneLineCommand(click.Command):
+    """Every usage error, click's own included, is one line (exit status 2)."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except _OneLineUsageError:
+            raise
+        except click.UsageError as exc:
+            raise _OneLineUsageError(exc.format_message(), exc.ctx) from None
+
+
+def _read_private_key(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_KEY_FILE_SIZE + 1)
+    except OSError as exc:
+        raise ConfigError(f"--auth-private-key {path}: cannot read it: {exc.strerror}") from None
+    if len(data) > MAX_KEY_FILE_SIZE:
+        raise ConfigError(f"--auth-private-key {path}: too large for a PEM key")
+    return data
+
+
+def _show_scope(scope: Scope) -> str:
+    if scope is None:
+        return "* (every collection)"
+    return ", ".join(sorted(scope)) if scope else "none"
+
+
+@main.command("token", cls=_OneLineCommand)
+@click.option("--sub", required=True, help="Who the token is for (the 'sub' claim).")
+@click.option(
+    "--read",
+    default="*",
+    show_default=True,
+    help="Collections it may sync and subscribe to: '*', 'none' or a comma list.",
+)
+@click.option(
+    "--publish",
+    default="none",
+    show_default=True,
+    help="Collections it may publish to: '*', 'none' or a comma list.",
+)
+@click.option(
+    "--where",
+    help='A filter ANDed into everything it reads, a JSON object: \'{"account":"ACC-1"}\'.',
+)
+@click.option(
+    "--ttl", default="1h", show_default=True, help="How long it is valid: 45s, 30m, 8h, 2d."
+)
+@click.option(
+    "--auth-secret",
+    envvar="STATECAST_AUTH_SECRET",
+    show_envvar=True,
+    help="Sign with HS256 and this shared secret (the server's --auth-secret).",
+)
+@click.option(
+    "--auth-private-key",
+    envvar="STATECAST_AUTH_PRIVATE_KEY",
+    show_envvar=True,
+    help="Sign with this PEM private key file: RS256 (RSA) or ES256/384/512 (EC); the "
+    "server verifies with its public key (--auth-public-key).",
+)
+def token_command(
+    *,
+    sub: str,
+    read: str,
+    publish: str,
+    where: str | None,
+    ttl: str,
+    auth_secret: str | None,
+    auth_private_key: str | None,
+) -> None:
+    """Mint an access token for a server started with the same key.
+
+    Prints the token on standard output, one line; on a terminal, also what it grants
+    (on standard error).
+
+    \b
+    statecast token --sub alice --read orders,positions \\
+        --where '{"account":"ACC-1"}' --publish none --ttl 8h
+    """
+    if auth_secret is not None and auth_private_key is not None:
+        # A flag beats the environment variable of the other kind of key.
+        ctx = click.get_current_context()
+        env = click.core.ParameterSource.ENVIRONMENT
+        if ctx.get_parameter_source("auth_secret") is env:
+            auth_secret = None
+        elif ctx.get_parameter_source("auth_private_key") is env:
+            auth_private_key = None
+    try:
+        token, grant, algorithm = _mint_token(
+            sub=sub,
+            read=read,
+            publish=publish,
+            where=where,
+            ttl=ttl,
+            auth_secret=auth_secret,
+            auth_private_key=auth_private_key,
+        )
+    except ConfigError as exc:
+        raise _OneLineUsageError(str(exc)) from None
+    click.echo(token)
+    if sys.stdout.isatty():
+        exp = grant.exp or 0.0
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(exp))
+        lines = [
+            f"sub      {grant.sub}",
+            f"read     {_show_scope(grant.read)}",
+            f"publish  {_show_scope(grant.publish)}",
+            "where    "
+            + ("none" if grant.where is None else msgspec.json.encode(grant.where).decode()),
+            f"expires  {when} (in {_duration(exp - time.time())})",
+            f"signed   {algorithm}",
+        ]
+        click.echo("\n".join(lines), err=True)
+
+
+def _duration(seconds: float) -> str:
+    """``2d``, ``1h 30m``, ``45s``: the two largest units (to the minute past an hour,
+    so that a token minted just now for 2 days says 2d, not 2d 1s)."""
+    seconds = max(0, round(seconds))
+    if seconds >= 3600:
+        seconds = round(seconds / 60) * 60
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if n]
+    if secs or not parts:
+        parts.append(f"{secs}s")
+    return " ".join(parts[:2])
+
+
+def _mint_token(
+    *,
+    sub: str,
+    read: str,
+    publish: str,
+    where: str | None,
+    ttl: str,
+    auth_secret: str | None,
+    auth_private_key: str | None,
+) -> tuple[str, Grant, str]:
+    """The token, what it grants (as the server will read it), and its algorithm;
+    :class:`ConfigError` naming the flag for bad input."""
+    if auth_secret is not None and auth_private_key is not None:
+        raise ConfigError("give --auth-secret or --auth-private-key, not both")
+    if auth_secret is None and auth_private_key is None:
+        raise ConfigError(
+            "give --auth-secret (or STATECAST_AUTH_SECRET) or --auth-private-key FILE: "
+            "the key the server verifies tokens with"
+        )
+    read_scope = tokens.parse_scope(read, "--read")
+    publish_scope = tokens.parse_scope(publish, "--publish")
+    where_obj = tokens.parse_where_arg(where, "--where")
+    try:
+        parse_where(where_obj, "--where")  # the server's own rules for a filter (§3.7)
+    except BadRequest as exc:
+        raise ConfigError(str(exc)) from None
+    seconds = tokens.parse_ttl(ttl, "--ttl")
+    if auth_secret is not None:
+        verifier = tokens.TokenVerifier(secret=auth_secret)  # names --auth-secret
+        key: dict[str, Any] = {"secret": auth_secret}
+    else:
+        assert auth_private_key is not None
+        pem = _read_private_key(auth_private_key)
+        key = {"private_key": pem}
+    try:
+        token = tokens.mint(
+            **key,
+            sub=sub,
+            read=read_scope,
+            publish=publish_scope,
+            where=where_obj,
+            ttl=seconds,
+        )
+        if auth_private_key is not None:
+            verifier = tokens.TokenVerifier(public_key=pem)
+    except ConfigError as exc:
+        message = str(exc)
+        for name, flag in (
+            ("private_key:", f"--auth-private-key {auth_private_key}:"),
+            ("secret", "--auth-secret"),
+        ):
+            if message.startswith(name):
+                message = flag + message[len(name) :]
+                break
+        raise ConfigError(message) from None
+    algorithm = verifier.algorithms[0]
+    return token, verifier.verify(token), algorithm

@@ -8,10 +8,19 @@ from statecast loads the client, the frames and the error tree.
 from __future__ import annotations
 
 from statecast.client.blocking import BlockingClient, BlockingReplica
-from statecast.client.connection import DEFAULT_URL, Client, parse_url
+from statecast.client.connection import (
+    DEFAULT_URL,
+    Address,
+    Client,
+    TokenProvider,
+    client_ssl_context,
+    parse_address,
+    parse_url,
+)
 from statecast.client.replica import Progress, Replica, Resynced, Status
 from statecast.core.frames import (
     Ack,
+    Authed,
     Bye,
     ChangeFrame,
     ErrorFrame,
@@ -29,6 +38,8 @@ from statecast.core.frames import (
 __all__ = [
     "DEFAULT_URL",
     "Ack",
+    "Address",
+    "Authed",
     "BlockingClient",
     "BlockingReplica",
     "Bye",
@@ -48,5 +59,8 @@ __all__ = [
     "Stats",
     "Status",
     "Subscribed",
+    "TokenProvider",
+    "client_ssl_context",
+    "parse_address",
     "parse_url",
 ]

@@ -14,14 +14,16 @@ exposes the same operations as plain methods::
 
 from __future__ import annotations
 
+import os
 import queue
+import ssl as _ssl
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
-from statecast.client.connection import DEFAULT_URL, Client
+from statecast.client.connection import DEFAULT_URL, Client, TokenProvider
 from statecast.client.replica import Replica, Resynced, Status
-from statecast.core.frames import ChangeFrame, Frame, Stats
+from statecast.core.frames import Authed, ChangeFrame, Frame, Stats
 from statecast.core.protocol import Change
 from statecast.loops import LoopThread
 
@@ -29,17 +31,46 @@ __all__ = ["BlockingClient", "BlockingReplica"]
 
 
 class BlockingClient:
-    """:class:`statecast.Client`, with blocking methods."""
+    """:class:`statecast.Client`, with blocking methods.
 
-    def __init__(self, url: str = DEFAULT_URL, *, timeout: float | None = 30.0) -> None:
+    ``ca_file``, ``ssl``, ``token``, ``token_provider`` and the other keyword arguments
+    are :class:`statecast.Client`'s. A token provider refreshes the token in the
+    background, on the client's own loop, between calls too.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout: float | None = 30.0,
+        ca_file: str | os.PathLike[str] | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        token: str | None = None,
+        token_provider: TokenProvider | None = None,
+        **options: Any,
+    ) -> None:
         self.timeout = timeout
+        # Built here, in the caller's thread: a bad URL or CA file raises ConfigError
+        # before any thread is started.
+        client = Client(
+            url, ca_file=ca_file, ssl=ssl, token=token, token_provider=token_provider, **options
+        )
         self._lt = LoopThread("statecast-client")
-        self._client = Client(url)
+        self._client = client
         try:
             self.hello = self._lt.run(self._client.connect(), timeout)
         except BaseException:
             self._lt.close()
             raise
+
+    @property
+    def authed(self) -> Authed | None:
+        """What the token grants (§3.8), ``None`` without a token."""
+        return self._client.authed
+
+    def authenticate(self, token: str) -> Authed:
+        """Send a fresh token on this connection (:meth:`statecast.Client.authenticate`)."""
+        return self._lt.run(self._client.authenticate(token), self.timeout)
 
     def publish(self, changes: Iterable[Change | Mapping[str, Any]] | Change) -> int:
         return self._lt.run(self._client.publish(changes), self.timeout)
@@ -77,7 +108,10 @@ class BlockingReplica:
     """:class:`statecast.Replica`, kept in sync by a background thread.
 
     Reads (``get``, ``snapshot``, ``seq``) are safe from any thread: they run on the
-    replica's own loop, or read a value that is replaced whole.
+    replica's own loop, or read a value that is replaced whole. Keyword arguments
+    (``where``, ``ca_file``, ``ssl``, ``token``, ``token_provider``, backoff, ...) are
+    :class:`statecast.Replica`'s; a plain-function ``token_provider`` runs in a
+    worker thread, an async one on the replica's loop.
     """
 
     def __init__(
@@ -105,7 +139,11 @@ class BlockingReplica:
             await r.start()
             return r
 
-        self._replica = self._lt.run(make())
+        try:
+            self._replica = self._lt.run(make())
+        except BaseException:  # a bad URL, CA file or token setting: no thread left behind
+            self._lt.close()
+            raise
 
     @property
     def seq(self) -> int:
@@ -118,6 +156,10 @@ class BlockingReplica:
     @property
     def status(self) -> Status:
         return self._replica.status
+
+    @property
+    def authed(self) -> Authed | None:
+        return self._replica.authed
 
     @property
     def replica(self) -> Replica:

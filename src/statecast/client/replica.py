@@ -12,22 +12,39 @@ The replica syncs with ``live``, applies every change in seq order (checking tha
 seq is skipped or repeated), and on any failure reconnects with exponential backoff
 and jitter. It resumes with ``subscribe from`` its last seq under the same epoch, and
 falls back to a full sync, replacing its contents at once, when the server answers
-``resync_required`` (or the epoch changed, or a gap was seen).
+``resync_required`` (or the epoch changed, or a gap was seen, or the access token now
+grants another view).
+
+With ``token_provider=`` every (re)connection authenticates with a fresh token, and
+the client refreshes it on the live connection before it expires; a connection closed
+with ``token_expired`` or ``unauthorized`` reconnects with a fresh one. With a static
+``token=`` such a failure is reported through ``on_status`` and retried with backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import random
+import ssl as _ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Self
 
-from statecast.client.connection import DEFAULT_URL, Client
+from statecast.client.connection import (
+    DEFAULT_URL,
+    Client,
+    TokenProvider,
+    check_token_settings,
+    parse_address,
+    tls_context_for,
+)
 from statecast.core.frames import (
+    Authed,
     Bye,
     ChangeFrame,
     ErrorFrame,
@@ -37,7 +54,12 @@ from statecast.core.frames import (
     SnapshotBegin,
     SnapshotEnd,
 )
-from statecast.errors import ProtocolError, ResyncRequired, StatecastError
+from statecast.errors import (
+    ProtocolError,
+    ResyncRequired,
+    StatecastError,
+    Unauthorized,
+)
 
 __all__ = ["Progress", "Replica", "Resynced", "Status"]
 
@@ -67,12 +89,32 @@ class _Gap(StatecastError):
     """The stream skipped or repeated a seq: only a full sync can repair that."""
 
 
+def _view_of(authed: Authed | None) -> str:
+    """What a token lets a connection see, as text that is equal exactly when the
+    view is: a replica resumes only into the view its contents came from."""
+    if authed is None:
+        return ""
+    read = authed.read if isinstance(authed.read, str) else sorted(authed.read)
+    return json.dumps([read, authed.where or None], sort_keys=True, separators=(",", ":"))
+
+
+def _token_filters(authed: Authed | None) -> bool:
+    """Whether the token narrows what a connection sees (then seqs skip, §5.2)."""
+    return authed is not None and (authed.read != "*" or bool(authed.where))
+
+
 class Replica:
     def __init__(
         self,
         url: str = DEFAULT_URL,
         *,
         collections: Iterable[str] | None = None,
+        where: Mapping[str, Any] | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        token: str | None = None,
+        token_provider: TokenProvider | None = None,
+        connect_timeout: float = 10.0,
         min_backoff: float = 0.1,
         max_backoff: float = 10.0,
         on_change: Callable[[ChangeFrame], None] | None = None,
@@ -82,6 +124,16 @@ class Replica:
     ) -> None:
         self.url = url
         self.collections = None if collections is None else sorted(set(collections))
+        self.where = None if where is None else dict(where)
+        # Checked here, once: a bad URL or CA file is the caller's error, not a reason
+        # to retry.
+        tls_context_for(parse_address(url), ca_file, ssl)
+        self._ca_file = ca_file
+        self._ssl = ssl
+        check_token_settings(token, token_provider)
+        self._token = token
+        self._token_provider = token_provider
+        self.connect_timeout = connect_timeout
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.on_change = on_change
@@ -97,6 +149,11 @@ class Replica:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._client: Client | None = None
+        self._authed: Authed | None = None  # the last token grant the server accepted
+        self._view = ""  # what the current connection's token lets it see
+        self._synced_view = ""  # ... and the view the contents come from
+        self._filtered = self.collections is not None or bool(self.where)
+        self._warned = False  # about a fixed token that the server refuses
         # Counters, for people and tests.
         self.full_syncs = 0
         self.resumes = 0
@@ -127,6 +184,15 @@ class Replica:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+    @property
+    def authed(self) -> Authed | None:
+        """What the current (or last) connection's token grants (§3.8); ``None``
+        without a token."""
+        client = self._client
+        if client is not None and client.authed is not None:
+            return client.authed
+        return self._authed
 
     async def wait_synced(self) -> None:
         """Until the first full sync has completed (then the contents are usable).
@@ -163,23 +229,51 @@ class Replica:
     async def _run(self) -> None:
         attempt = 0
         while not self._stopping:
-            client = Client(self.url)
+            client = Client(
+                self.url,
+                ca_file=self._ca_file,
+                ssl=self._ssl,
+                token=self._token,
+                token_provider=self._token_provider,
+                connect_timeout=self.connect_timeout,
+            )
             self._client = client
             reason = ""
             try:
                 self._set_status("connecting", self.url)
                 hello = await client.connect()
-                if self.seq >= 0 and hello.epoch == self.epoch:
+                self._authed = client.authed
+                self._view = _view_of(client.authed)
+                self._filtered = (
+                    self.collections is not None
+                    or bool(self.where)
+                    or _token_filters(client.authed)
+                )
+                if self.seq >= 0 and hello.epoch == self.epoch and self._view == self._synced_view:
                     stream = await self._resume(client)
                 else:
-                    if self.seq >= 0:
+                    if self.seq >= 0 and hello.epoch != self.epoch:
                         log.info("server has a new epoch (%s): full sync", hello.epoch)
+                    elif self.seq >= 0:
+                        log.info("the access token grants another view: full sync")
                     stream = None
                 if stream is None:
                     stream = self._full_sync(client)
                 attempt = 0
                 await self._follow(stream)
                 reason = "the server closed the connection"
+            except Unauthorized as exc:
+                reason = f"{exc.code}: {exc}"
+                if self._token_provider is None and not self._warned:
+                    self._warned = True  # once: on_status reports every retry
+                    log.warning(
+                        "%s: %s; retrying with backoff, but %s",
+                        self.url,
+                        reason,
+                        "it needs a token (token= or token_provider=)"
+                        if self._token is None
+                        else "a fixed token does not get better (give a token_provider)",
+                    )
             except ProtocolError as exc:
                 reason = f"{exc.code}: {exc}"
             except (StatecastError, OSError) as exc:
@@ -197,7 +291,9 @@ class Replica:
 
     async def _resume(self, client: Client) -> AsyncIterator[Frame] | None:
         try:
-            await client.subscribe(after=self.seq, epoch=self.epoch, collections=self.collections)
+            await client.subscribe(
+                after=self.seq, epoch=self.epoch, collections=self.collections, where=self.where
+            )
         except ResyncRequired as exc:
             log.info("cannot resume from seq %d (%s): full sync", self.seq, exc)
             return None
@@ -214,7 +310,7 @@ class Replica:
         start_bytes = client.bytes_received
         records = 0
         begin: SnapshotBegin | None = None
-        frames = client.sync(collections=self.collections, live=True)
+        frames = client.sync(collections=self.collections, live=True, where=self.where)
         async for frame in frames:
             if isinstance(frame, SnapshotBegin):
                 begin, total = frame, frame.count
@@ -229,6 +325,7 @@ class Replica:
                 self._data = fresh  # replaced at once: readers never see half a sync
                 self.seq = frame.seq
                 self.epoch = begin.epoch
+                self._synced_view = self._view
                 self.full_syncs += 1
                 if self.on_progress is not None:
                     self.on_progress(Progress(records, client.bytes_received - start_bytes, total))
@@ -254,7 +351,7 @@ class Replica:
             self._apply(frame)
         elif isinstance(frame, Heartbeat):
             # Every change up to the heartbeat's seq has been sent (§4.3).
-            if self.collections is None and frame.seq > self.seq >= 0:
+            if not self._filtered and frame.seq > self.seq >= 0:
                 self._lost_track(
                     f"heartbeat at seq {frame.seq}, but the last change was {self.seq}"
                 )
@@ -266,7 +363,7 @@ class Replica:
     def _apply(self, change: ChangeFrame) -> None:
         if change.seq <= self.seq:
             self._lost_track(f"seq {change.seq} after {self.seq}: a duplicate")
-        if self.collections is None and change.seq != self.seq + 1:
+        if not self._filtered and change.seq != self.seq + 1:
             self._lost_track(f"seq {change.seq} after {self.seq}: a gap")
         records = self._data.get(change.collection)
         if change.deleted:
