@@ -4,9 +4,9 @@ against ``statecast serve --auth-secret`` (and ``--tls-cert``), as real processe
 from __future__ import annotations
 
 import os
-import select
 import pty
 import re
+import select
 import signal
 import subprocess
 import threading
