@@ -41,7 +41,7 @@ services:
 
 demo: install  ## run the server with the trading-desk demo producers
 	@echo "dashboard: http://127.0.0.1:8990/   TCP: nc localhost 8989 <<< 'sync me'"
-	$(BIN)/statecast serve --demo
+	$(BIN)/statecast serve --demo --retain 100000
 
 test: install browser services lint typecheck pytest  ## everything CI runs
 

@@ -318,7 +318,8 @@ def test_read_only_file_fails_publishes_and_recovers(tmp_path: Path) -> None:
 def test_an_older_database_is_migrated_forward(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The migration path: a version-1 file opened by a statecast that knows version 2."""
+    """The migration path: a file of this version opened by a statecast that knows the
+    next one."""
     import statecast.stores.sqlite as sqlite_store  # noqa: PLC0415
 
     path = tmp_path / "s.db"
@@ -331,8 +332,8 @@ def test_an_older_database_is_migrated_forward(
         conn.execute("CREATE TABLE extra (x INTEGER)")
         ran.append(1)
 
-    monkeypatch.setattr(sqlite_store, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(sqlite_store.MIGRATIONS, 1, to_v2)
+    monkeypatch.setattr(sqlite_store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setitem(sqlite_store.MIGRATIONS, SCHEMA_VERSION, to_v2)
     srv = sqlite_server(path)
     try:
         assert srv.seq == 1
@@ -345,7 +346,7 @@ def test_an_older_database_is_migrated_forward(
             "SELECT value FROM statecast_meta WHERE key='schema_version'"
         ).fetchone()[0]
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert version == "2"
+    assert version == str(SCHEMA_VERSION + 1)
     assert "extra" in tables
 
 

@@ -5,12 +5,17 @@ the thread-safe :meth:`Server.publish` while sharing one market:
 
 * ``quotes``: bid, ask and last price per instrument, moving as a random walk;
 * ``orders``: limit orders that are placed, amended, partly filled, filled and
-  cancelled; finished orders are removed a while later;
+  cancelled; finished orders are removed a while later (or sooner, when many wait);
 * ``executions``: one per fill; only the most recent ones are kept;
 * ``positions``: quantity, average cost and P&L per account and instrument.
 
 Every fill is published as one atomic batch of the execution, the updated order and
-the updated position, so no client ever sees one without the others.
+the updated position, so no client ever sees one without the others. Once the desk
+holds its quota of executions, the same batch also deletes the oldest one, so the
+state never holds more than the quota. Every collection is bounded: the state of a
+demo left running for days stays as small as after its first minutes (12 quotes, at
+most 72 positions, 2,000 executions, and the open orders plus at most 500 finished
+ones, those of the last 15 s). The server's change log is bounded by its ``--retain``.
 """
 
 from __future__ import annotations
@@ -59,8 +64,10 @@ TRADERS: list[tuple[str, list[str]]] = [
     ("dana", ["EQ-FLOW-01"]),
 ]
 VENUES = ["XNAS", "XNYS", "ARCX", "BATS", "IEXG", "EDGX"]
-KEEP_EXECUTIONS = 400  # per trader
+KEEP_EXECUTIONS = 2000  # for the whole desk, shared out among the traders
 FINISHED_ORDER_TTL = 15.0  # seconds a filled or cancelled order stays visible
+KEEP_FINISHED_ORDERS = 500  # at most, for the whole desk, whatever the pace
+MAX_OPEN_ORDERS = 15  # per trader
 
 
 def _now_ms() -> int:
@@ -125,14 +132,29 @@ class Trader:
     _ids = itertools.count(1)
     _ids_lock = threading.Lock()
 
-    def __init__(self, name: str, accounts: list[str], market: Market, seed: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        accounts: list[str],
+        market: Market,
+        seed: int,
+        *,
+        keep_executions: int = KEEP_EXECUTIONS // len(TRADERS),
+        keep_finished_orders: int = KEEP_FINISHED_ORDERS // len(TRADERS),
+        finished_order_ttl: float = FINISHED_ORDER_TTL,
+    ) -> None:
+        if keep_executions < 1 or keep_finished_orders < 0:
+            raise ValueError("keep_executions must be >= 1 and keep_finished_orders >= 0")
         self.name = name
         self.accounts = accounts
         self.market = market
         self.rng = random.Random(seed)
+        self.keep_executions = keep_executions
+        self.keep_finished_orders = keep_finished_orders
+        self.finished_order_ttl = finished_order_ttl
         self.open: dict[str, dict[str, Any]] = {}
-        self.finished: deque[tuple[float, str]] = deque()
-        self.executions: deque[str] = deque()
+        self.finished: deque[tuple[float, str]] = deque()  # (when, order id), oldest first
+        self.executions: deque[str] = deque()  # the ids of this trader's, oldest first
         self.positions: dict[str, dict[str, Any]] = {}
 
     @classmethod
@@ -152,7 +174,7 @@ class Trader:
         return self.try_fill()
 
     def place(self) -> list[Change]:
-        if len(self.open) >= 15:
+        if len(self.open) >= MAX_OPEN_ORDERS:
             return self.cancel()
         sym = self.rng.choice(list(INSTRUMENTS))
         bid, ask = self.market.bid_ask(sym)
@@ -226,7 +248,8 @@ class Trader:
         return self.fill(order, price)
 
     def fill(self, order: dict[str, Any], price: float) -> list[Change]:
-        """One fill: the execution, the order and the position, as one batch."""
+        """One fill: the execution, the order and the position, as one batch, and the
+        delete of this trader's oldest execution once it holds its quota."""
         leaves = order["qty"] - order["filled_qty"]
         qty = (
             leaves
@@ -261,7 +284,11 @@ class Trader:
             Change("orders", order["order_id"], dict(order)),
             Change("positions", position["position_id"], dict(position)),
         ]
+        # Each trader deletes only its own executions, in the order it published them:
+        # a delete can never overtake the batch that wrote its execution.
         self.executions.append(execution["exec_id"])
+        while len(self.executions) > self.keep_executions:
+            batch.append(Change("executions", self.executions.popleft(), delete=True))
         return batch
 
     def _apply_to_position(
@@ -304,25 +331,50 @@ class Trader:
         return pos
 
     def housekeeping(self) -> list[Change]:
-        """Remove finished orders after a while, and old executions."""
+        """Remove finished orders after a while, or sooner when too many wait."""
         out: list[Change] = []
-        cutoff = time.monotonic() - FINISHED_ORDER_TTL
-        while self.finished and self.finished[0][0] < cutoff:
-            out.append(Change("orders", self.finished.popleft()[1], delete=True))
-        while len(self.executions) > KEEP_EXECUTIONS:
-            out.append(Change("executions", self.executions.popleft(), delete=True))
+        cutoff = time.monotonic() - self.finished_order_ttl
+        finished = self.finished
+        while finished and (finished[0][0] < cutoff or len(finished) > self.keep_finished_orders):
+            out.append(Change("orders", finished.popleft()[1], delete=True))
         return out
 
 
 class TradingDesk:
-    """Runs one producer thread per trader until :meth:`stop`."""
+    """Runs one producer thread per trader until :meth:`stop`.
 
-    def __init__(self, server: Server, *, interval: float = 0.05, seed: int = 1) -> None:
+    ``interval`` is the mean pause of each trader between two steps (its pace);
+    ``keep_executions`` and ``keep_finished_orders`` are shared out evenly among the
+    traders (rounded down); finished orders are removed after ``finished_order_ttl``
+    seconds, or sooner when more than ``keep_finished_orders`` wait.
+    """
+
+    def __init__(
+        self,
+        server: Server,
+        *,
+        interval: float = 0.05,
+        seed: int = 1,
+        keep_executions: int = KEEP_EXECUTIONS,
+        keep_finished_orders: int = KEEP_FINISHED_ORDERS,
+        finished_order_ttl: float = FINISHED_ORDER_TTL,
+    ) -> None:
         self.server = server
         self.interval = interval
         self.market = Market(seed)
+        n = len(TRADERS)
+        if keep_executions < n:
+            raise ValueError(f"keep_executions must be at least {n}, one per trader")
         self.traders = [
-            Trader(name, accounts, self.market, seed * 100 + i)
+            Trader(
+                name,
+                accounts,
+                self.market,
+                seed * 100 + i,
+                keep_executions=keep_executions // n,
+                keep_finished_orders=keep_finished_orders // n,
+                finished_order_ttl=finished_order_ttl,
+            )
             for i, (name, accounts) in enumerate(TRADERS)
         ]
         self._stop = threading.Event()

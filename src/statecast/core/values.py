@@ -146,6 +146,9 @@ def _canonical_slow(raw: bytes, rest: bytes) -> bytes:
     try:
         out = msgspec.json.format(raw, indent=-1)
     except msgspec.DecodeError as exc:
+        if _SURROGATE_ESCAPE.search(raw) is not None:
+            # msgspec calls a lone surrogate "input data was truncated": say what it is.
+            raise InvalidValue("a lone surrogate escape (\\ud800-\\udfff)") from None
         detail = str(exc).removeprefix("JSON is malformed: ")
         raise InvalidValue(f"not valid JSON: {detail[:1].lower()}{detail[1:]}") from None
     return raw if out == raw else out

@@ -8,7 +8,7 @@ back to the loop thread, which installs them in the in-memory state and acks. So
 take back. Reads never touch the database: the state and the change log are kept in
 memory, loaded once at start.
 
-Schema (version 1)::
+Schema (version 2; version 1 had the same tables, but values as sent, see MIGRATIONS)::
 
     statecast_meta(key PRIMARY KEY, value)   format, schema_version, epoch, seq, ...
     records(collection, key, seq, line)      the state: one row per live record
@@ -39,21 +39,19 @@ from msgspec import UNSET
 
 from statecast._version import __version__
 from statecast.core.changelog import ChangeLog
-from statecast.core.protocol import PreparedChange
+from statecast.core.frames import DELETE_LINE, RECORD_LINE
+from statecast.core.protocol import COLLECTION_RE, PreparedChange
 from statecast.core.state import Record, State, encode_batch
 from statecast.core.store import Committed, Install, ToLoop, new_epoch
+from statecast.core.values import MAX_DEPTH, InvalidValue, canonical_value
 from statecast.errors import InternalError, StoreError, Unavailable
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 log = logging.getLogger("statecast.stores.sqlite")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 FORMAT: Final = "statecast"
-
-# Migrations from version N to N + 1, run in order inside one transaction when an
-# older database is opened. Version 1 is the first: nothing to migrate yet.
-MIGRATIONS: Final[dict[int, Callable[[sqlite3.Connection], None]]] = {}
 
 _SCHEMA: Final = """
 CREATE TABLE statecast_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -85,6 +83,325 @@ _decode_segment = msgspec.msgpack.Decoder(list[tuple[str, str, bool, bytes]]).de
 _MAX_GROUP = 50_000
 _WAL_BACKSTOP = 4000  # pages
 _TRIM_STEP = 200
+
+
+# -- migrations -------------------------------------------------------------------------
+# Version 2: every stored value is canonical (docs/protocol.md §9). Statecast 0.1 stored
+# values as they were sent, so its databases may hold values with whitespace and raw
+# newlines (pretty-printed JSON), invalid UTF-8, lone surrogate escapes, or more than
+# MAX_DEPTH levels of nesting, in the records and in the change log.
+_RECORD_HEAD, _RECORD_TAIL = RECORD_LINE.rsplit(b"%s", 1)  # ..."value":  and  }\n
+# Printable ASCII that needs no further look (as in values.py): no whitespace, control
+# or non-ASCII bytes, no backslash (escapes), and the opening brackets are counted.
+_PLAIN: Final = bytes(b for b in range(0x21, 0x80) if b not in b"[{\\")
+_MAX_WARNINGS: Final = 100  # then only a count, in the summary
+_encode_json = msgspec.json.encode
+_decode_raw_segment = msgspec.msgpack.Decoder(
+    list[tuple[msgspec.Raw, msgspec.Raw, bool, bytes]]
+).decode
+_decode_msgpack_str = msgspec.msgpack.Decoder(str).decode
+_SELECT_RECORDS: Final = (
+    "SELECT typeof(collection) = 'text' AND typeof(key) = 'text', CAST(collection AS BLOB), "
+    "CAST(key AS BLOB), seq, CAST(line AS BLOB) FROM records"
+)
+
+
+def _names_of(texts: object, c_b: bytes, k_b: bytes) -> tuple[str, str]:
+    """A record's collection and key as text, or :class:`InvalidValue` saying why not."""
+    if not texts:
+        raise InvalidValue("its collection or key is not stored as text")
+    try:
+        c, k = c_b.decode(), k_b.decode()
+    except UnicodeDecodeError:
+        raise InvalidValue("its collection or key is not valid UTF-8") from None
+    _check_names(c, k)
+    return c, k
+
+
+def _check_names(c: str, k: str) -> None:
+    if not COLLECTION_RE.fullmatch(c):
+        raise InvalidValue("its collection name is not valid")
+    if not k:
+        raise InvalidValue("its key is empty")
+
+
+def _plain_line(line: bytes) -> bool:
+    """Whether a stored line is canonical at a glance: printable ASCII with no
+    whitespace or escapes, with at most MAX_DEPTH + 1 opening brackets (the frame's
+    own "{" is one), ending in its newline. The test of canonical_value's fast path,
+    on the whole line: the line of almost every clean row passes it."""
+    rest = line.translate(None, _PLAIN)
+    return len(rest) <= MAX_DEPTH + 2 and rest[-1:] == b"\n" and not rest[:-1].strip(b"[{")
+
+
+def _upsert_line(seq: int, c: bytes, key_json: bytes, line: bytes) -> bytes:
+    """The canonical §4.1 line of a stored upsert line: ``line`` itself when it already
+    is. Raises :class:`InvalidValue` when its value cannot be stored (any more)."""
+    head = _RECORD_HEAD % (seq, c, key_json)
+    if not (line.startswith(head) and line.endswith(_RECORD_TAIL)):
+        raise InvalidValue("the stored frame does not match its seq, collection and key")
+    value = line[len(head) : -len(_RECORD_TAIL)]
+    fixed = canonical_value(value)
+    return line if fixed is value else head + fixed + _RECORD_TAIL
+
+
+_Change = tuple[str, str, bool, bytes]  # collection, key, deleted, line: one logged change
+
+
+def _segment(first: int, last: int, body: bytes) -> tuple[list[_Change], dict[int, str]]:
+    """The changes of one ``changes`` row, and for those whose collection or key cannot
+    be decoded (given as ``""``), why. :class:`InvalidValue` if the row cannot be read."""
+    items: list[_Change]
+    unnamed: dict[int, str] = {}
+    try:
+        items = _decode_segment(body)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        try:
+            raw = _decode_raw_segment(body)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise InvalidValue(
+                f"the log row of seqs {first}-{last} cannot be read ({exc})"
+            ) from None
+        items = []
+        for i, (c_raw, k_raw, deleted, line) in enumerate(raw):
+            try:
+                c, k = _decode_msgpack_str(c_raw), _decode_msgpack_str(k_raw)
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                c = k = ""
+                unnamed[i] = "its collection or key is not valid UTF-8 text"
+            items.append((c, k, deleted, line))
+    if len(items) != last - first + 1:
+        raise InvalidValue(f"the log row of seqs {first}-{last} holds {len(items)} changes")
+    return items, unnamed
+
+
+class _CanonicalValues:
+    """Migration 1 -> 2: bring every stored value to its canonical form.
+
+    A value that is only not compact (whitespace, raw newlines) is re-encoded: same
+    JSON value, canonical text. One that cannot be stored at all (invalid UTF-8, a lone
+    surrogate, too deep) is dropped, and resume stays exact:
+
+    * in the change log, such an upsert becomes a delete of its key at the same seq,
+      so the log stays consecutive and a client replaying it never gets the value;
+    * a current record holding one is deleted, and the deletion is appended to the
+      log as new changes (new seqs), so that a client that already got the value
+      (in a snapshot or a change past its seq) drops it too when it resumes;
+    * a row whose collection or key cannot be named (not valid UTF-8, stored as a blob)
+      cannot be written as a valid frame, not even as a delete: a record is dropped; in
+      the log, every change up to it is dropped, so clients resuming from before it
+      resync instead.
+
+    Clean rows, the common case, cost a look at their bytes: values that are already
+    canonical come back from :func:`canonical_value` as the same object.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.warnings = 0
+        self.repaired_records = 0
+        self.repaired_changes = 0
+        self.converted = 0
+        self.line_updates: list[tuple[bytes, str, str]] = []
+        self.dropped: list[tuple[str, str]] = []  # current records that can be named
+        self.unnamed: list[tuple[bytes, bytes]] = []  # current records that cannot
+        self.log_cut = 0  # the log keeps only the changes after this seq
+
+    def __call__(self) -> None:
+        t0 = time.monotonic()
+        self._records()
+        self._changes()
+        self._append_deletes()
+        if self.warnings:
+            log.warning(
+                "%s, canonical values (format version 2): %d records repaired, %d dropped "
+                "(%d deletes appended to the log), %d logged changes repaired, %d turned "
+                "into deletes%s%s, in %.2fs",
+                self.conn.execute("PRAGMA database_list").fetchone()[2],
+                self.repaired_records,
+                len(self.dropped) + len(self.unnamed),
+                len(self.dropped),
+                self.repaired_changes,
+                self.converted,
+                f", the log cut after seq {self.log_cut}" if self.log_cut else "",
+                f"; {self.warnings - _MAX_WARNINGS} more warnings not shown"
+                if self.warnings > _MAX_WARNINGS
+                else "",
+                time.monotonic() - t0,
+            )
+        else:
+            log.info("canonical values: nothing to repair, in %.2fs", time.monotonic() - t0)
+
+    def _warn(self, msg: str, *args: object) -> None:
+        self.warnings += 1
+        if self.warnings <= _MAX_WARNINGS:
+            log.warning(msg, *args)
+
+    # -- records ---------------------------------------------------------------------
+    def _records(self) -> None:
+        collections: dict[bytes, bool] = {}  # collection names seen, and whether valid
+        for texts, c_b, k_b, seq, line in self.conn.execute(_SELECT_RECORDS):
+            if texts and k_b and k_b.isascii() and _plain_line(line):
+                valid = collections.get(c_b)
+                if valid is None:
+                    # (latin-1 maps each byte to one character; a valid name is ASCII)
+                    match = COLLECTION_RE.fullmatch(c_b.decode("latin-1"))
+                    valid = collections[c_b] = match is not None
+                if valid:
+                    continue  # the fast path: nothing to do
+            self._record(texts, c_b, k_b, seq, line)
+        conn = self.conn
+        conn.executemany(
+            "UPDATE records SET line=? WHERE collection=? AND key=?", self.line_updates
+        )
+        conn.executemany(_DELETE, self.dropped)
+        if self.unnamed:
+            # No parameter can name them (a str cannot hold invalid UTF-8, and a bytes
+            # parameter only matches a blob): one scan, with the same test.
+            bad = set(self.unnamed)
+
+            def is_unnamed(texts: object, c_b: bytes, k_b: bytes) -> bool:
+                try:
+                    _names_of(texts, c_b, k_b)
+                except InvalidValue:
+                    return (c_b, k_b) in bad
+                return False
+
+            conn.create_function("statecast_unnamed", 3, is_unnamed, deterministic=True)
+            try:
+                conn.execute(
+                    "DELETE FROM records WHERE statecast_unnamed(typeof(collection) = 'text' "
+                    "AND typeof(key) = 'text', CAST(collection AS BLOB), CAST(key AS BLOB))"
+                )
+            finally:
+                conn.create_function("statecast_unnamed", 3, None)
+
+    def _record(self, texts: object, c_b: bytes, k_b: bytes, seq: int, line: bytes) -> None:
+        try:
+            c, k = _names_of(texts, c_b, k_b)
+        except InvalidValue as exc:
+            self.unnamed.append((c_b, k_b))
+            shown = c_b.decode("utf-8", "backslashreplace")
+            self._warn("dropped record %s/%r (seq %d): %s", shown, k_b, seq, exc)
+            return
+        try:
+            fixed = _upsert_line(seq, c_b, _encode_json(k), line)
+        except InvalidValue as exc:
+            self.dropped.append((c, k))
+            self._warn("dropped record %s/%r (seq %d): %s", c, k, seq, exc)
+            return
+        if fixed is not line:
+            self.line_updates.append((fixed, c, k))
+            self.repaired_records += 1
+            self._warn("repaired record %s/%r (seq %d): whitespace removed", c, k, seq)
+
+    # -- the change log -------------------------------------------------------------------
+    def _changes(self) -> None:
+        conn = self.conn
+        names: dict[str, bytes | None] = {}  # collection -> its bytes, None if not valid
+        updates: list[tuple[bytes, int]] = []
+        split: tuple[int, list[_Change]] | None = None  # the row the cut goes through
+        for first, last, body in conn.execute(
+            "SELECT first_seq, last_seq, CAST(body AS BLOB) FROM changes ORDER BY first_seq"
+        ):
+            try:
+                items, unnamed = _segment(first, last, body)
+            except InvalidValue as exc:
+                self._cut(last, str(exc))
+                split = None
+                continue
+            changed = False
+            for i, item in enumerate(items):
+                c, k, _, line = item
+                c_b = names.get(c, b"")
+                if c_b and k and _plain_line(line) and not unnamed:
+                    continue  # the fast path: nothing to do
+                if c_b == b"":
+                    c_b = names[c] = c.encode() if COLLECTION_RE.fullmatch(c) else None
+                s = first + i
+                if i in unnamed or c_b is None or not k:
+                    why = unnamed.get(i) or f"{c!r}/{k!r} is not a valid collection and key"
+                    self._cut(s, why)
+                    split = (first, items) if s < last else None
+                    continue
+                fixed = self._change(s, c_b, item)
+                if fixed is not None:
+                    items[i] = fixed
+                    changed = True
+            if changed:
+                updates.append((_encode_segment(items), first))
+        conn.executemany("UPDATE changes SET body=? WHERE first_seq=?", updates)
+        if self.log_cut:
+            conn.execute("DELETE FROM changes WHERE last_seq <= ?", (self.log_cut,))
+            if split is not None:
+                first, items = split
+                conn.execute(
+                    "UPDATE changes SET first_seq=?, body=? WHERE first_seq=?",
+                    (self.log_cut + 1, _encode_segment(items[self.log_cut + 1 - first :]), first),
+                )
+
+    def _change(self, s: int, c_b: bytes, item: _Change) -> _Change | None:
+        """What replaces one logged change (at seq ``s``, its collection's name as
+        ``c_b``), or None when it is canonical already."""
+        c, k, deleted, line = item
+        key_json = _encode_json(k)
+        if deleted:
+            fixed = DELETE_LINE % (s, c_b, key_json)
+            if fixed == line:
+                return None
+            self.repaired_changes += 1
+            self._warn("repaired logged delete %s/%r (seq %d): frame re-encoded", c, k, s)
+            return (c, k, True, fixed)
+        try:
+            fixed = _upsert_line(s, c_b, key_json, line)
+        except InvalidValue as exc:
+            self.converted += 1
+            self._warn("logged change %s/%r (seq %d) turned into a delete: %s", c, k, s, exc)
+            return (c, k, True, DELETE_LINE % (s, c_b, key_json))
+        if fixed is line:
+            return None
+        self.repaired_changes += 1
+        self._warn("repaired logged change %s/%r (seq %d): whitespace removed", c, k, s)
+        return (c, k, False, fixed)
+
+    def _cut(self, seq: int, why: str) -> None:
+        """Keep only the changes after ``seq`` in the log."""
+        self.log_cut = max(self.log_cut, seq)
+        self._warn(
+            "dropped the logged changes up to seq %d (clients resuming from before it will "
+            "sync again): change %d: %s",
+            seq,
+            seq,
+            why,
+        )
+
+    # -- deletes of the dropped records --------------------------------------------------------
+    def _append_deletes(self) -> None:
+        if not self.dropped:
+            return
+        conn = self.conn
+        seq = int(conn.execute("SELECT value FROM statecast_meta WHERE key='seq'").fetchone()[0])
+        first = seq + 1
+        segment = []
+        for c, k in self.dropped:
+            seq += 1
+            segment.append((c, k, True, DELETE_LINE % (seq, c.encode(), _encode_json(k))))
+        conn.execute(_LOG, (first, seq, _encode_segment(segment)))
+        conn.execute("UPDATE statecast_meta SET value=? WHERE key='seq'", (str(seq),))
+        log.warning(
+            "the %d dropped records are deleted by new changes, seqs %d-%d: clients that "
+            "hold them delete them when they resume",
+            len(self.dropped),
+            first,
+            seq,
+        )
+
+
+# Migrations from version N to N + 1, run in order inside one transaction when an
+# older database is opened.
+MIGRATIONS: Final[dict[int, Callable[[sqlite3.Connection], None]]] = {
+    1: lambda conn: _CanonicalValues(conn)(),
+}
 
 
 class _Batch:
@@ -248,6 +565,9 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError(f"cannot open {self.path}: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _pragmas(self, conn: sqlite3.Connection) -> None:
