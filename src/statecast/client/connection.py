@@ -364,7 +364,7 @@ class Client:
         self.bytes_received += len(line)
         try:
             hello = decode_frame(line)
-        except msgspec.MsgspecError:
+        except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
             hello = None
         if not isinstance(hello, Hello):
             if not self.tls and line.startswith(_TLS_RECORD_STARTS):
@@ -675,7 +675,9 @@ class Client:
                         frame = decode_frame(line)
                     except msgspec.ValidationError:
                         continue  # a frame type this client does not know: ignore it
-                    except msgspec.DecodeError as exc:
+                    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+                        # Not JSON, not UTF-8 (msgspec raises UnicodeDecodeError for a
+                        # string), or nested past the parser: the stream is unusable.
                         error = BadFrame(f"malformed frame from the server: {exc}")
                         break
                     if isinstance(frame, _ANSWERS) and frame.id in self._pending:
