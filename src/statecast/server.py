@@ -183,7 +183,9 @@ class Server:
         # Loading a large store takes seconds: keep the loop free meanwhile.
         await asyncio.to_thread(store.open, loop.call_soon_threadsafe)
         self._store = store
-        self._engine = Engine(store, FlushPacer(loop, cfg.flush_interval).schedule)
+        self._engine = Engine(
+            store, FlushPacer(loop, cfg.flush_interval).schedule, timer=loop.call_later
+        )
         store.state.max_retained = cfg.max_snapshot_retained
         store.start(self._engine.install)
         for callback in self._engine_callbacks:

@@ -68,6 +68,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 
+from statecast.core.filters import parse_where
 from statecast.core.policy import (
     ALL,
     COLLECTION_RE,
@@ -77,7 +78,7 @@ from statecast.core.policy import (
     RequestId,
     Scope,
 )
-from statecast.errors import ConfigError, Unauthorized
+from statecast.errors import BadRequest, ConfigError, Unauthorized
 
 __all__ = [
     "MAX_KEY_FILE_SIZE",
@@ -92,6 +93,9 @@ __all__ = [
 ]
 
 MAX_TOKEN_LENGTH: Final = 8192
+# Tokens verified already, kept to skip the signature check when presented again (the
+# oldest go first); their times are still checked every time.
+_VERIFIED_CACHE: Final = 10_000
 MIN_SECRET_BYTES: Final = 32
 MIN_RSA_BITS: Final = 2048
 MAX_KEY_FILE_SIZE: Final = 1 << 20
@@ -274,7 +278,7 @@ class TokenVerifier:
     :class:`ConfigError`.
     """
 
-    __slots__ = ("_audience", "_issuer", "_key", "leeway")
+    __slots__ = ("_audience", "_issuer", "_key", "_verified", "leeway")
 
     def __init__(
         self,
@@ -297,6 +301,7 @@ class TokenVerifier:
             raise ConfigError("the token leeway must be a number of seconds >= 0")
         self._key = key
         self.leeway = float(leeway)
+        self._verified: dict[str, tuple[Grant, float | None]] = {}
         self._audience = audience
         self._issuer = issuer
 
@@ -345,6 +350,11 @@ class TokenVerifier:
         are in the module docstring). ``now`` is unix time (default: the clock)."""
         if not isinstance(token, str):
             raise _unauthorized(f"the token must be a string, not {type(token).__name__}", rid)
+        cached = self._verified.get(token)
+        if cached is not None:  # signature and claims checked before: only time is left
+            grant, nbf = cached
+            self._check_time(grant, nbf, time.time() if now is None else now, rid)
+            return grant
         if not token.strip():
             raise _unauthorized("the token is empty", rid)
         if len(token) > MAX_TOKEN_LENGTH:
@@ -390,9 +400,21 @@ class TokenVerifier:
             raise _unauthorized("malformed token (not a valid JWT)", rid) from None
 
         grant = Grant.from_claims(payload, rid)  # exp required and a number
+        try:
+            parse_where(grant.where, "token.where")  # every transport refuses it alike
+        except BadRequest as exc:
+            raise _unauthorized(f"the token's 'where' claim is not a filter: {exc}", rid) from None
         nbf = _time_claim(payload, "nbf", rid)
         _time_claim(payload, "iat", rid)
-        at = time.time() if now is None else now
+        self._check_time(grant, nbf, time.time() if now is None else now, rid)
+        # Many connections present the same token (one user, several screens; a
+        # service's pool): verified once, a signature check costs nothing the next time.
+        if len(self._verified) >= _VERIFIED_CACHE:
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = (grant, nbf)
+        return grant
+
+    def _check_time(self, grant: Grant, nbf: float | None, at: float, rid: RequestId) -> None:
         assert grant.exp is not None
         if grant.expired(at, self.leeway):
             raise _unauthorized(f"the token has expired ({math.ceil(at - grant.exp)} s ago)", rid)
@@ -401,7 +423,6 @@ class TokenVerifier:
                 f"the token is not valid yet (its 'nbf' is {math.ceil(nbf - at)} s from now)",
                 rid,
             )
-        return grant
 
     def mint(
         self,

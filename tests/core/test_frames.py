@@ -17,6 +17,7 @@ from statecast.core.frames import (
     Authed,
     Bye,
     ChangeFrame,
+    Conflating,
     ErrorFrame,
     Frame,
     Heartbeat,
@@ -89,7 +90,14 @@ GOLDEN: list[tuple[Frame, bytes]] = [
         ChangeFrame(5, "orders", "O-1", deleted=True),
         b'{"type":"change","seq":5,"collection":"orders","key":"O-1","deleted":true}\n',
     ),
-    # New in 0.2 (§3.8).
+    # New in 0.2 (§3.8, §3.9, §7).
+    (Conflating(0.5), b'{"type":"conflating","conflate":0.5}\n'),
+    (Conflating(None), b'{"type":"conflating","conflate":null}\n'),
+    (
+        Subscribed(8, "ep", 2, 0.1),
+        b'{"type":"subscribed","seq":8,"epoch":"ep","id":2,"conflate":0.1}\n',
+    ),
+    (SnapshotEnd(5, 3, None, 1.0), b'{"type":"snapshot_end","seq":5,"count":3,"conflate":1.0}\n'),
     (
         Authed("alice", ["orders", "positions"], {"account": "ACC-1"}, [], 1700000000, 1),
         b'{"type":"authed","sub":"alice","read":["orders","positions"],'

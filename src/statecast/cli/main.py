@@ -175,6 +175,18 @@ def main() -> None:
     type=SizeType(),
     help="Output bytes that may wait for one subscriber before it is cut off (8M, 512K).",
 )
+@option(
+    "--slow-consumer",
+    default=_defaults.slow_consumer,
+    type=click.Choice(["disconnect", "conflate"]),
+    help="A subscriber past --max-pending: cut off (it resumes), or conflated until drained.",
+)
+@option(
+    "--slow-consumer-interval",
+    default=_defaults.slow_consumer_interval,
+    type=float,
+    help="Seconds between the frames of a conflated slow subscriber (--slow-consumer conflate).",
+)
 @option("--max-line", default=_defaults.max_line, type=SizeType(), help="Longest request line.")
 @option(
     "--max-changes",
@@ -319,7 +331,6 @@ def run(config: Config) -> int:
 async def _serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     server = Server(config)
-    await server.start()
     stop = asyncio.Event()
 
     def on_signal(sig: signal.Signals) -> None:
@@ -327,8 +338,11 @@ async def _serve(config: Config) -> None:
             log.info("%s: shutting down", sig.name)
             stop.set()
 
+    # Before the "listening" line: a signal that comes as soon as the port is open
+    # (a supervisor, a test) shuts down cleanly too.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    await server.start()
     desk = None
     if config.demo:
         desk = TradingDesk(server)

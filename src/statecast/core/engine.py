@@ -26,9 +26,10 @@ class Engine:
         self,
         store: Store,
         schedule: Callable[[Callable[[], None]], object] | None = None,
+        timer: Callable[[float, Callable[[], None]], object] | None = None,
     ) -> None:
         self.store = store
-        self.fanout = Fanout(schedule)
+        self.fanout = Fanout(schedule, timer=timer)
         self.fanout.flushed_seq = store.state.seq
         self.changes_published = 0
         self.publishes_failed = 0
@@ -70,9 +71,11 @@ class Engine:
         batches committed elsewhere (another node of a cluster)."""
         store = self.store
         store.state.install(records)
+        # The fan-out first: it takes the versions the changes replaced (Record.before),
+        # which the log lets go of for changes that leave it at once (retain < batch).
+        self.fanout.publish(records)
         store.log.extend(records)
         self.changes_published += len(records)
-        self.fanout.publish(records)
 
     def snapshot(self, selection: frozenset[str] | None) -> Snapshot:
         """A snapshot at the current seq.

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Sequence
+from functools import partial
 from typing import Protocol
 
 from msgspec.json import encode as _encode_json
 
+from statecast.core.conflate import ConflatedGroup, Timer, next_tick
 from statecast.core.filters import FilterSet, Where
 from statecast.core.frames import delete_line
 from statecast.core.state import Record
@@ -47,10 +49,22 @@ def _before_json(rec: Record | None) -> bytes | None:
 
 
 class Fanout:
-    def __init__(self, schedule: Callable[[Callable[[], None]], object] | None = None) -> None:
+    def __init__(
+        self,
+        schedule: Callable[[Callable[[], None]], object] | None = None,
+        *,
+        timer: Timer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         # ``schedule(fn)`` runs fn soon on the same thread (loop.call_soon); without
-        # it, the owner calls flush() itself.
+        # it, the owner calls flush() itself. ``timer(delay, fn)`` (loop.call_later)
+        # runs conflated emissions (conflate.py); without it, emit_conflated() does.
         self._schedule = schedule
+        self._timer = timer
+        self._clock = clock
+        self._conflated: dict[tuple[View, float], list[ConflatedGroup]] = {}
+        self._group_of: dict[Subscriber, ConflatedGroup] = {}
+        self._emits_scheduled: set[tuple[View, float]] = set()
         self._scheduled = False
         self._pending: list[Record] = []
         # The version each pending change replaced, taken when it was queued: the
@@ -70,15 +84,19 @@ class Fanout:
 
     @property
     def subscriber_count(self) -> int:
-        return sum(len(g) for g in self._groups.values())
+        return sum(len(g) for g in self._groups.values()) + len(self._group_of)
 
     @property
     def views(self) -> int:
         """Distinct views: blobs built per flush."""
         return len(self._groups)
 
-    def join(self, sub: Subscriber, view: View) -> None:
-        """Add a subscriber that has every change up to ``flushed_seq`` already."""
+    def join(self, sub: Subscriber, view: View, conflate: float | None = None) -> None:
+        """Add a subscriber that has every change up to ``flushed_seq`` already;
+        ``conflate``: at most one frame per key per that many seconds (conflate.py)."""
+        if conflate is not None:
+            self._join_conflated(sub, view, conflate)
+            return
         group = self._groups.get(view)
         if group is None:
             group = self._groups[view] = {}
@@ -87,6 +105,10 @@ class Fanout:
         group[sub] = None
 
     def leave(self, sub: Subscriber, view: View) -> None:
+        cgroup = self._group_of.pop(sub, None)
+        if cgroup is not None:
+            self._leave_conflated(sub, cgroup)
+            return
         group = self._groups.get(view)
         if group is None:
             return
@@ -97,13 +119,127 @@ class Fanout:
                 self._refilter()
 
     def _refilter(self) -> None:
-        self._filters.update({v.where for v in self._groups if v.where is not None})
+        wheres = {v.where for v in self._groups if v.where is not None}
+        wheres.update(v.where for v, _ in self._conflated if v.where is not None)
+        self._filters.update(wheres)
+
+    # -- conflation (conflate.py) -------------------------------------------------
+    def _join_conflated(self, sub: Subscriber, view: View, interval: float) -> None:
+        key = (view, interval)
+        groups = self._conflated.get(key)
+        if groups is None:
+            groups = self._conflated[key] = []
+        # A group whose interval has begun holds changes this subscriber has already:
+        # it joins one that has just emitted, or starts its own.
+        group = next((g for g in groups if not g.pending), None)
+        if group is None:
+            group = ConflatedGroup(view, interval)
+            groups.append(group)
+            if view.where is not None and len(groups) == 1:
+                self._refilter()
+        group.subs[sub] = None
+        self._group_of[sub] = group
+
+    def _leave_conflated(self, sub: Subscriber, group: ConflatedGroup) -> None:
+        group.subs.pop(sub, None)
+        if group.subs:
+            return
+        key = (group.view, group.interval)
+        groups = self._conflated.get(key, [])
+        if group in groups:
+            groups.remove(group)
+        if not groups:
+            self._conflated.pop(key, None)
+            if group.view.where is not None:
+                self._refilter()
+
+    def conflating(self, sub: Subscriber) -> float | None:
+        """The interval ``sub`` is conflated at (None: it gets every change)."""
+        group = self._group_of.get(sub)
+        return None if group is None else group.interval
+
+    def take_conflated(self, sub: Subscriber) -> bytes:
+        """Stop conflating ``sub`` (§7 --slow-consumer conflate, drained): the frames
+        its group holds for it now; the caller then joins it without conflation."""
+        group = self._group_of.pop(sub, None)
+        if group is None:
+            return b""
+        if len(group.subs) == 1:
+            blob, n = group.blob()
+        else:  # the others keep theirs: a copy of the pending state for this one
+            saved = dict(group.pending)
+            blob, n = group.blob()
+            group.pending = saved
+        self.deliveries += n
+        self.bytes_delivered += len(blob)
+        self._leave_conflated(sub, group)
+        return blob
+
+    def _absorb_conflated(
+        self,
+        records: list[Record],
+        befores: list[Record | None],
+        vectors: tuple[list[tuple[bool, ...]], list[tuple[bool, ...]]] | None,
+    ) -> None:
+        index = {w: j for j, w in enumerate(self._filters.filters)}
+        for key, groups in self._conflated.items():
+            view = key[0]
+            where = view.where
+            j = -1 if where is None else index[where]
+            for group in groups:
+                due = False
+                for i, rec in enumerate(records):
+                    if not view.selects(rec.collection):
+                        continue
+                    if j < 0:
+                        b = befores[i]
+                        was_in = b is not None and not b.deleted
+                        now_in = not rec.deleted
+                    else:
+                        assert vectors is not None
+                        now_in = vectors[0][i][j]
+                        was_in = vectors[1][i][j]
+                    due = group.absorb(rec, was_in, now_in) or due
+                if due and key not in self._emits_scheduled and self._timer is not None:
+                    self._emits_scheduled.add(key)
+                    self._timer(next_tick(self._clock(), key[1]), partial(self._emit, key))
+
+    def _emit(self, key: tuple[View, float]) -> None:
+        """One interval is over: every group of this view and interval hands out the
+        newest state of what changed; then they merge (all just emitted)."""
+        self._emits_scheduled.discard(key)
+        groups = self._conflated.get(key)
+        if not groups:
+            return
+        for group in groups:
+            if not group.pending:
+                continue
+            blob, n = group.blob()
+            if not n:
+                continue
+            subs = list(group.subs)
+            self.deliveries += n * len(subs)
+            self.bytes_delivered += len(blob) * len(subs)
+            for sub in subs:
+                sub.deliver(blob)
+        if len(groups) > 1:
+            first = groups[0]
+            for other in groups[1:]:
+                for sub in other.subs:
+                    first.subs[sub] = None
+                    self._group_of[sub] = first
+            del groups[1:]
+
+    def emit_conflated(self) -> None:
+        """Emit every conflated group now (without a timer: tests, and shutdown)."""
+        for key in list(self._conflated):
+            self._emit(key)
 
     def publish(self, records: Sequence[Record]) -> None:
         """Queue changes just applied to the state, in seq order."""
         if not records:
             return
-        if not self._groups and not self._pending:
+        if not self._groups and not self._conflated and not self._pending:
             # Nobody listens: nothing to encode. A subscriber that joins later
             # catches up from the change log up to flushed_seq first.
             self.flushed_seq = records[-1].seq
@@ -149,11 +285,13 @@ class Fanout:
         lines = [r.change_line() for r in records]  # encode once, for everyone
         everything: bytes | None = None
         filtered: dict[Where, list[int]] | None = None
+        vectors = self._vectors(records, befores) if len(self._filters) else None
         for view, group in list(self._groups.items()):
             cols, where = view.collections, view.where
             if where is not None:
                 if filtered is None:
-                    filtered = self._moves(records, befores)
+                    assert vectors is not None
+                    filtered = self._moves(vectors)
                 picked = [
                     lines[i] if i >= 0 else _delete_line(records[~i])
                     for i in filtered[where]
@@ -179,6 +317,8 @@ class Fanout:
             self.bytes_delivered += len(blob) * len(subs)
             for sub in subs:
                 sub.deliver(blob)
+        if self._conflated:
+            self._absorb_conflated(records, befores, vectors)
         if self.on_flush is not None:
             self.on_flush(time.perf_counter() - self._pending_since)
 
@@ -194,18 +334,26 @@ class Fanout:
                 return end
         return len(pending)
 
-    def _moves(self, records: list[Record], befores: list[Record | None]) -> dict[Where, list[int]]:
+    def _vectors(
+        self, records: list[Record], befores: list[Record | None]
+    ) -> tuple[list[tuple[bool, ...]], list[tuple[bool, ...]]]:
+        """Per change, whether each distinct filter matches its new value and the
+        value it replaced: each value decoded once, each filter tried once (§3.7)."""
+        vector = self._filters.vector
+        now = [vector(rec.value_json()) for rec in records]
+        was = [vector(_before_json(b)) for b in befores]
+        return now, was
+
+    def _moves(
+        self, vectors: tuple[list[tuple[bool, ...]], list[tuple[bool, ...]]]
+    ) -> dict[Where, list[int]]:
         """For each distinct filter, what its subscribers get of this flush, in order:
         ``i`` for the change frame of ``records[i]`` (in view now), ``~i`` for a
         delete of its key (it moved out), nothing when it was never in view (§3.7)."""
-        fs = self._filters
-        filters = fs.filters
+        filters = self._filters.filters
         out: dict[Where, list[int]] = {w: [] for w in filters}
         outs = [out[w] for w in filters]
-        vector = fs.vector
-        for i, rec in enumerate(records):
-            now = vector(rec.value_json())
-            was = vector(_before_json(befores[i]))
+        for i, (now, was) in enumerate(zip(*vectors, strict=True)):
             for j, lst in enumerate(outs):
                 if now[j]:
                     lst.append(i)

@@ -31,6 +31,7 @@ __all__ = [
     "Authed",
     "Bye",
     "ChangeFrame",
+    "Conflating",
     "ErrorFrame",
     "Frame",
     "Heartbeat",
@@ -84,19 +85,28 @@ class Record(msgspec.Struct, tag_field="type", tag="record"):
 
 
 class SnapshotEnd(msgspec.Struct, tag_field="type", tag="snapshot_end", omit_defaults=True):
-    """§3.1: the snapshot is complete."""
+    """§3.1: the snapshot is complete (``conflate``: live changes come conflated, §3.9)."""
 
     seq: int
     count: int
     id: RequestId = None
+    conflate: float | None = None
 
 
 class Subscribed(msgspec.Struct, tag_field="type", tag="subscribed", omit_defaults=True):
-    """§3.2: changes after ``seq`` follow."""
+    """§3.2: changes after ``seq`` follow (``conflate``: conflated, §3.9)."""
 
     seq: int
     epoch: str
     id: RequestId = None
+    conflate: float | None = None
+
+
+class Conflating(msgspec.Struct, tag_field="type", tag="conflating"):
+    """§7: the server conflates this slow subscriber's changes at ``conflate`` seconds
+    until it has drained (``null``: every change again from here)."""
+
+    conflate: float | None
 
 
 class ChangeFrame(msgspec.Struct, tag_field="type", tag="change", omit_defaults=True):
@@ -187,6 +197,7 @@ Frame: TypeAlias = (
     | Subscribed
     | ChangeFrame
     | Heartbeat
+    | Conflating
     | Ack
     | Pong
     | Stats

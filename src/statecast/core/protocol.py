@@ -42,6 +42,10 @@ __all__ = [
     "validate_collections",
 ]
 
+# §3.9: the intervals a subscription may be conflated at, in seconds.
+MIN_INTERVAL: Final = 0.01
+MAX_INTERVAL: Final = 60.0
+
 # §9: limits of the state model.
 COLLECTION_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 MAX_KEY_LENGTH: Final = 1024
@@ -68,6 +72,7 @@ class SyncRequest(msgspec.Struct, tag_field="op", tag="sync"):
     collections: list[str] | None = None
     live: bool = False
     where: Any = None  # §3.7, checked by filters.parse_where
+    conflate: float | None = None  # §3.9, seconds
 
 
 class SubscribeRequest(msgspec.Struct, tag_field="op", tag="subscribe"):
@@ -78,6 +83,7 @@ class SubscribeRequest(msgspec.Struct, tag_field="op", tag="subscribe"):
     from_: int | None = msgspec.field(default=None, name="from")
     epoch: str | None = None
     where: Any = None  # §3.7, checked by filters.parse_where
+    conflate: float | None = None  # §3.9, seconds
 
 
 class PublishRequest(msgspec.Struct, tag_field="op", tag="publish"):
@@ -185,6 +191,15 @@ def parse_request(line: bytes) -> Request:
         validate_collections(request.collections, rid)
     if isinstance(request, SubscribeRequest) and request.from_ is not None and request.from_ < 0:
         raise BadRequest("'from' must be a seq >= 0", request_id=rid)
+    if isinstance(request, SyncRequest | SubscribeRequest) and request.conflate is not None:
+        c = request.conflate
+        if not MIN_INTERVAL <= c <= MAX_INTERVAL:
+            raise BadRequest(
+                f"'conflate' must be {MIN_INTERVAL} to {MAX_INTERVAL:g} seconds, not {c}",
+                request_id=rid,
+            )
+        if isinstance(request, SyncRequest) and not request.live:
+            raise BadRequest("'conflate' is for live changes: add \"live\": true", request_id=rid)
     return request
 
 

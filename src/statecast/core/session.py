@@ -37,6 +37,7 @@ from statecast.core.frames import (
     Ack,
     Authed,
     Bye,
+    Conflating,
     Hello,
     Pong,
     RequestId,
@@ -224,6 +225,44 @@ class _Stream:
 
 
 class Session:
+    # Thousands of connections each hold one: slots, not a dict (a few hundred bytes
+    # less per connection, docs/performance.md).
+    __slots__ = (
+        "__weakref__",
+        "_admit",
+        "_admitted",
+        "_auth",
+        "_busy",
+        "_conflate",
+        "_engine",
+        "_filled",
+        "_grant_where",
+        "_inflight",
+        "_last_input",
+        "_limits",
+        "_live_requested",
+        "_monotonic",
+        "_now",
+        "_opened",
+        "_out",
+        "_partial_since",
+        "_progress",
+        "_reader",
+        "_release_grant",
+        "_stats",
+        "_stream",
+        "_subscriber",
+        "_tokens",
+        "_view",
+        "_wakeup",
+        "acks_pending",
+        "closed",
+        "closing",
+        "degraded",
+        "grant",
+        "joined",
+    )
+
     def __init__(
         self,
         engine: Engine,
@@ -267,6 +306,8 @@ class Session:
         self._stream: _Stream | None = None
         self._live_requested = False  # §3.2: at most one live subscription
         self._view = View()
+        self._conflate: float | None = None  # §3.9: asked for by the client
+        self.degraded = False  # §7 --slow-consumer conflate: conflated until drained
         self.grant: Grant | None = None  # None: not authenticated yet
         self._grant_where: Where | None = None
         self._tokens = float(limits.burst)  # the rate limit's bucket
@@ -659,6 +700,7 @@ class Session:
             self._claim_live(rid)
             self._live_requested = True
             self._view = view
+            self._conflate = request.conflate
         snap = self._engine.snapshot(view.collections)
         # A filtered snapshot does not say how many records it will send: the count of
         # the collections would tell about records outside the view (§3.7).
@@ -698,7 +740,8 @@ class Session:
             )
         self._live_requested = True
         self._view = view
-        self._out.append(encode(Subscribed(after, engine.epoch, rid)))
+        self._conflate = request.conflate
+        self._out.append(encode(Subscribed(after, engine.epoch, rid, request.conflate)))
         if after == point:
             self._join()
         else:
@@ -729,8 +772,33 @@ class Session:
         return True
 
     def _join(self) -> None:
-        self._engine.fanout.join(self._subscriber, self._view)
+        self._engine.fanout.join(self._subscriber, self._view, self._conflate)
         self.joined = True
+
+    # -- §7 --slow-consumer conflate ------------------------------------------------
+    def degrade(self, interval: float) -> bool:
+        """The subscriber fell behind: conflate its changes at ``interval`` until it
+        has drained, and tell it so; whether it was (a client that asked for
+        conflation itself, or is not joined, is cut off instead)."""
+        if not self.joined or self._conflate is not None or self.degraded:
+            return False
+        fanout = self._engine.fanout
+        fanout.leave(self._subscriber, self._view)
+        fanout.join(self._subscriber, self._view, interval)
+        self.degraded = True
+        self._engine.limit_hits["slow_consumer_conflated"] += 1
+        self._out.append(encode(Conflating(interval)))
+        return True
+
+    def restore(self) -> None:
+        """It has drained: what its conflation held, then every change again."""
+        if not self.degraded or self.closed or self.closing:
+            return
+        fanout = self._engine.fanout
+        self._out.append(fanout.take_conflated(self._subscriber))
+        fanout.join(self._subscriber, self._view)
+        self.degraded = False
+        self._out.append(encode(Conflating(None)))
 
     def _pump_snapshot(self, st: _Stream, max_bytes: int) -> None:
         snap = st.snapshot
@@ -750,7 +818,8 @@ class Session:
             self._out.append(b"".join(lines))
         if not snap.done:
             return
-        self._out.append(encode(SnapshotEnd(snap.seq, st.sent, st.rid)))
+        conflate = self._conflate if st.live else None
+        self._out.append(encode(SnapshotEnd(snap.seq, st.sent, st.rid, conflate)))
         st.snapshot = None
         if not st.live:
             self._stream = None

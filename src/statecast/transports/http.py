@@ -152,6 +152,8 @@ class _Handlers:
                 where = msgspec.json.decode(where_text)
             except msgspec.DecodeError as exc:
                 raise BadRequest(f"where: not JSON: {exc}") from None
+            except (RecursionError, UnicodeDecodeError):
+                raise BadRequest("where: not JSON (nested too deeply, or not UTF-8)") from None
         grant_where = parse_where(grant.where, "token.where")
         listed = None if names is None else [n.strip() for n in names.split(",") if n.strip()]
         return view_of(grant, grant_where, listed, where)

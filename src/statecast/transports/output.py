@@ -68,9 +68,22 @@ def refuse_connection(host: Host, write: Callable[[bytes], object], peer: str) -
 
 
 def cut_slow_consumer(host: Host, session: Session, peer: str, waiting: int) -> None:
-    """§7: count, log, and fail the session with ``slow_consumer`` (its transport
+    """§7: with ``--slow-consumer conflate``, conflate the subscriber's changes until
+    it has drained (its transport calls ``session.restore()`` then); otherwise, or if it
+    cannot be, count, log, and fail the session with ``slow_consumer`` (its transport
     then writes the error frame and closes)."""
     limit = host.config.max_pending
+    if host.config.slow_consumer == "conflate" and session.degrade(
+        host.config.slow_consumer_interval
+    ):
+        log.info(
+            "conflating slow consumer %s at %gs until it drains: %d bytes waiting, limit %d",
+            peer,
+            host.config.slow_consumer_interval,
+            waiting,
+            limit,
+        )
+        return
     host.connections.slow_consumer_disconnects += 1
     log.warning("disconnecting slow consumer %s: %d bytes waiting, limit %d", peer, waiting, limit)
     session.fail(

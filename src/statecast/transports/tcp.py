@@ -33,6 +33,23 @@ log = logging.getLogger("statecast.transports.tcp")
 
 class TcpConnection(asyncio.Protocol):
     transport_name = "tcp"
+    __slots__ = (
+        "__weakref__",
+        "_closed",
+        "_closing",
+        "_eof",
+        "_host",
+        "_linger",
+        "_loop",
+        "_read_paused",
+        "_reading_stopped",
+        "_step_handle",
+        "_write_paused",
+        "last_send",
+        "peer",
+        "session",
+        "transport",
+    )
 
     def __init__(self, host: Host) -> None:
         self._host = host
@@ -110,6 +127,9 @@ class TcpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        session = self.session
+        if session is not None and session.degraded:
+            session.restore()  # §7: drained; every change again
         self._after()
 
     # -- fanout.Subscriber -----------------------------------------------------

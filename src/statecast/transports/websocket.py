@@ -26,6 +26,7 @@ from statecast.core.session import Session
 from statecast.errors import TooLarge
 from statecast.transports.base import Host
 from statecast.transports.output import (
+    LOW_WATER,
     STREAM_STEP,
     cut_slow_consumer,
     over_limit,
@@ -150,6 +151,10 @@ class WsConnection:
                     await ws.send_frame(data[:-1], WSMsgType.TEXT)
                     self.last_send = self._host.clock
                 session = self.session
+                if session.degraded and self._buffered() < LOW_WATER:
+                    session.restore()  # §7: drained; every change again
+                    self._take_output()
+                    continue
                 if session.streaming and not session.closed:
                     session.pump(STREAM_STEP)
                     self._take_output()
@@ -188,8 +193,9 @@ class WsConnection:
         waiting = self._buffered()
         if over_limit(self._host, waiting):
             cut_slow_consumer(self._host, self.session, self.peer, waiting)
-            self._out.clear()  # what was queued is dropped: the bound holds
-            self._queued = 0
+            if self.session.closing:
+                self._out.clear()  # what was queued is dropped: the bound holds
+                self._queued = 0
             self._take_output()
             return
         self._out.append(blob)
