@@ -58,7 +58,6 @@ class Config:
     # Limits
     max_pending: int = 8 * MiB  # output bytes waiting for one subscriber (§7)
     slow_consumer: Literal["disconnect", "conflate"] = "disconnect"  # past max_pending (§7)
-    slow_consumer_interval: float = 1.0  # seconds, with slow_consumer "conflate"
     max_line: int = 1 * MiB  # longest request line (§1)
     max_changes: int | None = 100_000  # changes in one publish (§9)
     max_value: int | None = None  # bytes of one value (None: max_line bounds it)
@@ -133,11 +132,6 @@ class Config:
         if self.slow_consumer not in ("disconnect", "conflate"):
             raise ConfigError(
                 f"slow_consumer must be 'disconnect' or 'conflate', not {self.slow_consumer!r}"
-            )
-        if not 0.01 <= self.slow_consumer_interval <= 60:
-            raise ConfigError(
-                f"slow_consumer_interval must be 0.01 to 60 seconds, not "
-                f"{self.slow_consumer_interval}"
             )
         if self.max_pending < 64 * 1024:
             raise ConfigError(f"max_pending must be at least 65536 bytes, not {self.max_pending}")

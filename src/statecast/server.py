@@ -480,6 +480,8 @@ class Server:
                 if session is None:
                     continue
                 session.tick()  # token expiry; auth, request, idle, snapshot timeouts
+                if session.degraded:
+                    conn.restore_if_drained()  # §7 --slow-consumer conflate
                 if (
                     interval is not None
                     and session.joined

@@ -91,8 +91,8 @@ GOLDEN: list[tuple[Frame, bytes]] = [
         b'{"type":"change","seq":5,"collection":"orders","key":"O-1","deleted":true}\n',
     ),
     # New in 0.2 (§3.8, §3.9, §7).
-    (Conflating(0.5), b'{"type":"conflating","conflate":0.5}\n'),
-    (Conflating(None), b'{"type":"conflating","conflate":null}\n'),
+    (Conflating(True), b'{"type":"conflating","on":true}\n'),
+    (Conflating(False), b'{"type":"conflating","on":false}\n'),
     (
         Subscribed(8, "ep", 2, 0.1),
         b'{"type":"subscribed","seq":8,"epoch":"ep","id":2,"conflate":0.1}\n',

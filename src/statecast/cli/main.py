@@ -181,12 +181,6 @@ def main() -> None:
     type=click.Choice(["disconnect", "conflate"]),
     help="A subscriber past --max-pending: cut off (it resumes), or conflated until drained.",
 )
-@option(
-    "--slow-consumer-interval",
-    default=_defaults.slow_consumer_interval,
-    type=float,
-    help="Seconds between the frames of a conflated slow subscriber (--slow-consumer conflate).",
-)
 @option("--max-line", default=_defaults.max_line, type=SizeType(), help="Longest request line.")
 @option(
     "--max-changes",

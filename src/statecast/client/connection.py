@@ -523,10 +523,12 @@ class Client:
         epoch: str | None = None,
         collections: Iterable[str] | None = None,
         where: Mapping[str, Any] | None = None,
+        conflate: float | None = None,
     ) -> Subscribed:
         """Subscribe to changes after seq ``after`` (default: now); they arrive
         through :meth:`frames`. Raises :class:`ResyncRequired` when the server cannot
-        resume from there (§3.2). ``where`` filters the records (§3.7)."""
+        resume from there (§3.2). ``where`` filters the records (§3.7); ``conflate``
+        (seconds) asks for the newest state of each key at most that often (§3.9)."""
         req: dict[str, Any] = {"op": "subscribe"}
         if after is not None:
             req["from"] = after
@@ -536,6 +538,8 @@ class Client:
             req["collections"] = list(collections)
         if where is not None:
             req["where"] = dict(where)
+        if conflate is not None:
+            req["conflate"] = conflate
         sub = await self._request(req)
         assert isinstance(sub, Subscribed)
         return sub
@@ -546,11 +550,13 @@ class Client:
         collections: Iterable[str] | None = None,
         live: bool = False,
         where: Mapping[str, Any] | None = None,
+        conflate: float | None = None,
     ) -> AsyncIterator[Frame]:
         """Request a snapshot (§3.1): yields SnapshotBegin, the Records and
         SnapshotEnd; with ``live``, then every later frame (changes, heartbeats) until
-        the connection ends. ``where`` filters the records (§3.7)."""
-        async for frame in self._sync(collections, live, where, raw=False):
+        the connection ends. ``where`` filters the records (§3.7); ``conflate`` (with
+        ``live``) asks for conflated changes (§3.9)."""
+        async for frame in self._sync(collections, live, where, raw=False, conflate=conflate):
             assert not isinstance(frame, bytes)
             yield frame
 
@@ -570,6 +576,7 @@ class Client:
         where: Mapping[str, Any] | None,
         *,
         raw: bool,
+        conflate: float | None = None,
     ) -> AsyncIterator[Frame | bytes]:
         rid = next(self._ids)
         req: dict[str, Any] = {"op": "sync", "id": rid}
@@ -579,6 +586,8 @@ class Client:
             req["live"] = True
         if where is not None:
             req["where"] = dict(where)
+        if conflate is not None:
+            req["conflate"] = conflate
         self._raw_records = raw  # before the request: the reader sees it in time
         self._send(req)
         try:

@@ -47,6 +47,7 @@ from statecast.core.frames import (
     Authed,
     Bye,
     ChangeFrame,
+    Conflating,
     ErrorFrame,
     Frame,
     Heartbeat,
@@ -110,6 +111,7 @@ class Replica:
         *,
         collections: Iterable[str] | None = None,
         where: Mapping[str, Any] | None = None,
+        conflate: float | None = None,
         ca_file: str | os.PathLike[str] | None = None,
         ssl: _ssl.SSLContext | None = None,
         token: str | None = None,
@@ -125,6 +127,10 @@ class Replica:
         self.url = url
         self.collections = None if collections is None else sorted(set(collections))
         self.where = None if where is None else dict(where)
+        # §3.9: conflated changes (seqs then skip: only increasing is checked).
+        self.conflate = conflate
+        self._degraded = False  # §7: the server conflates us until we drain
+        self._gap_ok_once = False
         # Checked here, once: a bad URL or CA file is the caller's error, not a reason
         # to retry.
         tls_context_for(parse_address(url), ca_file, ssl)
@@ -247,8 +253,10 @@ class Replica:
                 self._filtered = (
                     self.collections is not None
                     or bool(self.where)
+                    or self.conflate is not None
                     or _token_filters(client.authed)
                 )
+                self._degraded = False
                 if self.seq >= 0 and hello.epoch == self.epoch and self._view == self._synced_view:
                     stream = await self._resume(client)
                 else:
@@ -292,7 +300,11 @@ class Replica:
     async def _resume(self, client: Client) -> AsyncIterator[Frame] | None:
         try:
             await client.subscribe(
-                after=self.seq, epoch=self.epoch, collections=self.collections, where=self.where
+                after=self.seq,
+                epoch=self.epoch,
+                collections=self.collections,
+                where=self.where,
+                conflate=self.conflate,
             )
         except ResyncRequired as exc:
             log.info("cannot resume from seq %d (%s): full sync", self.seq, exc)
@@ -310,7 +322,9 @@ class Replica:
         start_bytes = client.bytes_received
         records = 0
         begin: SnapshotBegin | None = None
-        frames = client.sync(collections=self.collections, live=True, where=self.where)
+        frames = client.sync(
+            collections=self.collections, live=True, where=self.where, conflate=self.conflate
+        )
         async for frame in frames:
             if isinstance(frame, SnapshotBegin):
                 begin, total = frame, frame.count
@@ -351,10 +365,20 @@ class Replica:
             self._apply(frame)
         elif isinstance(frame, Heartbeat):
             # Every change up to the heartbeat's seq has been sent (§4.3).
-            if not self._filtered and frame.seq > self.seq >= 0:
+            if self._gap_ok_once and frame.seq > self.seq:
+                # Just back from conflation (§7): what it held brought us to the state
+                # at the server's seq then; the heartbeat says which.
+                self.seq = frame.seq
+                self._gap_ok_once = False
+            elif not self._filtered and not self._degraded and frame.seq > self.seq >= 0:
                 self._lost_track(
                     f"heartbeat at seq {frame.seq}, but the last change was {self.seq}"
                 )
+        elif isinstance(frame, Conflating):
+            # §7: the server conflates our changes until we drain: seqs skip meanwhile.
+            self._degraded = frame.on
+            if not frame.on and not self._filtered:
+                self._gap_ok_once = True
         elif isinstance(frame, ErrorFrame):
             raise frame.exception()
         elif isinstance(frame, Bye):
@@ -363,8 +387,14 @@ class Replica:
     def _apply(self, change: ChangeFrame) -> None:
         if change.seq <= self.seq:
             self._lost_track(f"seq {change.seq} after {self.seq}: a duplicate")
-        if not self._filtered and change.seq != self.seq + 1:
+        if (
+            not self._filtered
+            and not self._degraded
+            and not self._gap_ok_once
+            and change.seq != self.seq + 1
+        ):
             self._lost_track(f"seq {change.seq} after {self.seq}: a gap")
+        self._gap_ok_once = False
         records = self._data.get(change.collection)
         if change.deleted:
             if records is not None:

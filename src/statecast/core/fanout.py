@@ -65,6 +65,9 @@ class Fanout:
         self._conflated: dict[tuple[View, float], list[ConflatedGroup]] = {}
         self._group_of: dict[Subscriber, ConflatedGroup] = {}
         self._emits_scheduled: set[tuple[View, float]] = set()
+        # §7 --slow-consumer conflate: subscribers that fell behind, each with a group of
+        # its own that is never emitted on a timer: taken whole when it has drained.
+        self._held: dict[Subscriber, ConflatedGroup] = {}
         self._scheduled = False
         self._pending: list[Record] = []
         # The version each pending change replaced, taken when it was queued: the
@@ -84,7 +87,7 @@ class Fanout:
 
     @property
     def subscriber_count(self) -> int:
-        return sum(len(g) for g in self._groups.values()) + len(self._group_of)
+        return sum(len(g) for g in self._groups.values()) + len(self._group_of) + len(self._held)
 
     @property
     def views(self) -> int:
@@ -105,6 +108,11 @@ class Fanout:
         group[sub] = None
 
     def leave(self, sub: Subscriber, view: View) -> None:
+        held = self._held.pop(sub, None)
+        if held is not None:
+            if held.view.where is not None:
+                self._refilter()
+            return
         cgroup = self._group_of.pop(sub, None)
         if cgroup is not None:
             self._leave_conflated(sub, cgroup)
@@ -121,6 +129,7 @@ class Fanout:
     def _refilter(self) -> None:
         wheres = {v.where for v in self._groups if v.where is not None}
         wheres.update(v.where for v, _ in self._conflated if v.where is not None)
+        wheres.update(g.view.where for g in self._held.values() if g.view.where is not None)
         self._filters.update(wheres)
 
     # -- conflation (conflate.py) -------------------------------------------------
@@ -158,21 +167,26 @@ class Fanout:
         group = self._group_of.get(sub)
         return None if group is None else group.interval
 
-    def take_conflated(self, sub: Subscriber) -> bytes:
-        """Stop conflating ``sub`` (§7 --slow-consumer conflate, drained): the frames
-        its group holds for it now; the caller then joins it without conflation."""
-        group = self._group_of.pop(sub, None)
+    def hold(self, sub: Subscriber, view: View) -> None:
+        """§7 --slow-consumer conflate: ``sub`` (joined with ``view``) fell behind: from
+        now on keep only the newest state of each key it has not been sent, until
+        :meth:`release`."""
+        self.leave(sub, view)
+        self._held[sub] = ConflatedGroup(view, 0.0)
+        if view.where is not None:
+            self._refilter()
+
+    def release(self, sub: Subscriber) -> bytes:
+        """``sub`` has drained: the frames of what changed while it was held (the
+        caller writes them, then joins it again)."""
+        group = self._held.pop(sub, None)
         if group is None:
             return b""
-        if len(group.subs) == 1:
-            blob, n = group.blob()
-        else:  # the others keep theirs: a copy of the pending state for this one
-            saved = dict(group.pending)
-            blob, n = group.blob()
-            group.pending = saved
+        blob, n = group.blob()
         self.deliveries += n
         self.bytes_delivered += len(blob)
-        self._leave_conflated(sub, group)
+        if group.view.where is not None:
+            self._refilter()
         return blob
 
     def _absorb_conflated(
@@ -183,26 +197,40 @@ class Fanout:
     ) -> None:
         index = {w: j for j, w in enumerate(self._filters.filters)}
         for key, groups in self._conflated.items():
-            view = key[0]
-            where = view.where
-            j = -1 if where is None else index[where]
             for group in groups:
-                due = False
-                for i, rec in enumerate(records):
-                    if not view.selects(rec.collection):
-                        continue
-                    if j < 0:
-                        b = befores[i]
-                        was_in = b is not None and not b.deleted
-                        now_in = not rec.deleted
-                    else:
-                        assert vectors is not None
-                        now_in = vectors[0][i][j]
-                        was_in = vectors[1][i][j]
-                    due = group.absorb(rec, was_in, now_in) or due
+                due = self._absorb(group, records, befores, vectors, index)
                 if due and key not in self._emits_scheduled and self._timer is not None:
                     self._emits_scheduled.add(key)
                     self._timer(next_tick(self._clock(), key[1]), partial(self._emit, key))
+        for group in self._held.values():
+            self._absorb(group, records, befores, vectors, index)
+
+    @staticmethod
+    def _absorb(
+        group: ConflatedGroup,
+        records: list[Record],
+        befores: list[Record | None],
+        vectors: tuple[list[tuple[bool, ...]], list[tuple[bool, ...]]] | None,
+        index: dict[Where, int],
+    ) -> bool:
+        """Hand one flush to a conflated group; whether it has something to emit."""
+        view = group.view
+        where = view.where
+        j = -1 if where is None else index[where]
+        due = False
+        for i, rec in enumerate(records):
+            if not view.selects(rec.collection):
+                continue
+            if j < 0:
+                b = befores[i]
+                was_in = b is not None and not b.deleted
+                now_in = not rec.deleted
+            else:
+                assert vectors is not None
+                now_in = vectors[0][i][j]
+                was_in = vectors[1][i][j]
+            due = group.absorb(rec, was_in, now_in) or due
+        return due
 
     def _emit(self, key: tuple[View, float]) -> None:
         """One interval is over: every group of this view and interval hands out the
@@ -239,7 +267,7 @@ class Fanout:
         """Queue changes just applied to the state, in seq order."""
         if not records:
             return
-        if not self._groups and not self._conflated and not self._pending:
+        if not self._groups and not self._conflated and not self._held and not self._pending:
             # Nobody listens: nothing to encode. A subscriber that joins later
             # catches up from the change log up to flushed_seq first.
             self.flushed_seq = records[-1].seq
@@ -317,7 +345,7 @@ class Fanout:
             self.bytes_delivered += len(blob) * len(subs)
             for sub in subs:
                 sub.deliver(blob)
-        if self._conflated:
+        if self._conflated or self._held:
             self._absorb_conflated(records, befores, vectors)
         if self.on_flush is not None:
             self.on_flush(time.perf_counter() - self._pending_since)

@@ -103,10 +103,11 @@ class Subscribed(msgspec.Struct, tag_field="type", tag="subscribed", omit_defaul
 
 
 class Conflating(msgspec.Struct, tag_field="type", tag="conflating"):
-    """§7: the server conflates this slow subscriber's changes at ``conflate`` seconds
-    until it has drained (``null``: every change again from here)."""
+    """§7 ``--slow-consumer conflate``: ``on``: this subscriber fell behind, and the
+    server now keeps only the newest state of each key for it until it has drained;
+    ``off``: that state came, and every change comes again."""
 
-    conflate: float | None
+    on: bool
 
 
 class ChangeFrame(msgspec.Struct, tag_field="type", tag="change", omit_defaults=True):

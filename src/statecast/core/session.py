@@ -776,29 +776,28 @@ class Session:
         self.joined = True
 
     # -- §7 --slow-consumer conflate ------------------------------------------------
-    def degrade(self, interval: float) -> bool:
-        """The subscriber fell behind: conflate its changes at ``interval`` until it
-        has drained, and tell it so; whether it was (a client that asked for
+    def degrade(self) -> bool:
+        """The subscriber fell behind: keep only the newest state of each key for it
+        until it has drained, and tell it so; whether it was (a client that asked for
         conflation itself, or is not joined, is cut off instead)."""
         if not self.joined or self._conflate is not None or self.degraded:
             return False
-        fanout = self._engine.fanout
-        fanout.leave(self._subscriber, self._view)
-        fanout.join(self._subscriber, self._view, interval)
+        self._engine.fanout.hold(self._subscriber, self._view)
         self.degraded = True
         self._engine.limit_hits["slow_consumer_conflated"] += 1
-        self._out.append(encode(Conflating(interval)))
+        self._out.append(encode(Conflating(True)))
         return True
 
     def restore(self) -> None:
-        """It has drained: what its conflation held, then every change again."""
+        """It has drained: the newest state of what changed meanwhile, then every
+        change again."""
         if not self.degraded or self.closed or self.closing:
             return
         fanout = self._engine.fanout
-        self._out.append(fanout.take_conflated(self._subscriber))
+        self._out.append(fanout.release(self._subscriber))
         fanout.join(self._subscriber, self._view)
         self.degraded = False
-        self._out.append(encode(Conflating(None)))
+        self._out.append(encode(Conflating(False)))
 
     def _pump_snapshot(self, st: _Stream, max_bytes: int) -> None:
         snap = st.snapshot

@@ -73,13 +73,10 @@ def cut_slow_consumer(host: Host, session: Session, peer: str, waiting: int) -> 
     cannot be, count, log, and fail the session with ``slow_consumer`` (its transport
     then writes the error frame and closes)."""
     limit = host.config.max_pending
-    if host.config.slow_consumer == "conflate" and session.degrade(
-        host.config.slow_consumer_interval
-    ):
+    if host.config.slow_consumer == "conflate" and session.degrade():
         log.info(
-            "conflating slow consumer %s at %gs until it drains: %d bytes waiting, limit %d",
+            "conflating slow consumer %s until it drains: %d bytes waiting, limit %d",
             peer,
-            host.config.slow_consumer_interval,
             waiting,
             limit,
         )

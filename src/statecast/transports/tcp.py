@@ -127,9 +127,15 @@ class TcpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self.restore_if_drained()
+
+    def restore_if_drained(self) -> None:
+        """§7 --slow-consumer conflate: once a held subscriber has drained, what changed
+        meanwhile and then every change again (also checked by the server's timer, for
+        a buffer that never went above the high-water mark)."""
         session = self.session
-        if session is not None and session.degraded:
-            session.restore()  # §7: drained; every change again
+        if session is not None and session.degraded and self.pending_bytes() <= LOW_WATER:
+            session.restore()
         self._after()
 
     # -- fanout.Subscriber -----------------------------------------------------

@@ -213,6 +213,9 @@ class WsConnection:
     def stop_reading(self) -> None:
         self._reading_stopped = True
 
+    def restore_if_drained(self) -> None:
+        self._wake.set()  # the send loop restores a held subscriber once drained
+
     def shutdown(self) -> None:
         self.session.shutdown()
         self._take_output()
