@@ -54,6 +54,8 @@ class Config:
     nats_stream: str = "statecast"  # the JetStream stream of a nats:// store (docs/cluster.md)
     nats_creds: str | None = None  # a NATS credentials file (JWT + nkey)
     nats_ca_file: str | None = None  # CA bundle for tls:// NATS servers
+    nats_checkpoint_interval: int | None = None  # changes between checkpoints (None: auto)
+    nats_replicas: int | None = None  # of the streams it creates (None: 3 if clustered)
 
     # Limits
     max_pending: int = 8 * MiB  # output bytes waiting for one subscriber (§7)
@@ -145,6 +147,8 @@ class Config:
             "max_inflight",
             "max_inflight_total",
             "max_snapshot_retained",
+            "nats_checkpoint_interval",
+            "nats_replicas",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -170,6 +170,18 @@ def main() -> None:
     help="CA bundle to verify tls:// NATS servers.",
 )
 @option(
+    "--nats-checkpoint-interval",
+    default=_defaults.nats_checkpoint_interval,
+    type=OffType(int, zero_is_off=True),
+    help="Changes between checkpoints of a nats:// store (off: max(retain / 2, 10000)).",
+)
+@option(
+    "--nats-replicas",
+    default=_defaults.nats_replicas,
+    type=OffType(int, zero_is_off=True),
+    help="Replicas of the streams a nats:// store creates (off: 3 if NATS is clustered, else 1).",
+)
+@option(
     "--max-pending",
     default=_defaults.max_pending,
     type=SizeType(),
