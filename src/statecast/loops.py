@@ -65,8 +65,19 @@ class LoopThread:
         if self.loop.is_closed():
             return
         with contextlib.suppress(Exception):
+            self.run(_cancel_the_rest(), timeout)  # tasks left by what ran on the loop
             self.run(self.loop.shutdown_asyncgens(), timeout)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel every task of the running loop but this one, and wait for them (a
+    connection handler that outlived its server, say), so none is destroyed pending."""
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
