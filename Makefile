@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser services demo serve test lint typecheck pytest bench clean
+.PHONY: install browser services demo cluster-demo serve test lint typecheck pytest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ services:
 demo: install  ## run the server with the trading-desk demo producers
 	@echo "dashboard: http://127.0.0.1:8990/   TCP: nc localhost 8989 <<< 'sync me'"
 	$(BIN)/statecast serve --demo --retain 100000
+
+cluster-demo: install services  ## three nodes on a local NATS JetStream, the demo on one
+	BIN=$(BIN) bash scripts/cluster_demo.sh
 
 test: install browser services lint typecheck pytest  ## everything CI runs
 

@@ -652,7 +652,12 @@ def test_clients_of_a_killed_node_resume_on_another(
     a = ServeProcess(tmp_path, "--store", nats_server.url, "--log-level", "info")
     b = ServeProcess(tmp_path, "--store", nats_server.url, "--log-level", "info")
     lt = statecast.loops.LoopThread("replica", "asyncio")
-    replica = statecast.Replica(f"tcp://127.0.0.1:{a.port}", min_backoff=0.05, max_backoff=0.2)
+    # The replica knows both nodes: it moves to the next when it loses one.
+    replica = statecast.Replica(
+        [f"tcp://127.0.0.1:{a.port}", f"tcp://127.0.0.1:{b.port}"],
+        min_backoff=0.05,
+        max_backoff=0.2,
+    )
     pubs: list[TcpPublisher] = []
     try:
         lt.run(replica.start(), TIMEOUT)
@@ -662,7 +667,6 @@ def test_clients_of_a_killed_node_resume_on_another(
             start = sub.request({"op": "subscribe"})["seq"]
             pubs = [TcpPublisher(a.port, "a"), TcpPublisher(b.port, "b")]
             wait_for(lambda: all(p.acked >= 100 for p in pubs), "publishes on both nodes")
-            replica.url = f"tcp://127.0.0.1:{b.port}"  # where it goes next
             a.stop(signal.SIGKILL)
             seen = read_changes(sub, start)
         assert pubs[0].gone

@@ -629,3 +629,47 @@ def test_dashboard_catches_up_when_the_server_conflates_it(browser: Any, sync_ap
         page.close()
         srv.stop_in_thread(timeout=30)
     assert errors.errors == []
+
+
+@pytest.mark.slow
+def test_dashboard_moves_to_another_node_of_a_cluster(
+    browser: Any, sync_api: Any, tmp_path: Path
+) -> None:
+    """Given ``?nodes=`` (docs/cluster.md), the page moves to the next node when its node
+    stops, and resumes there under the same epoch: no second full sync."""
+    from tests.stores.natsserver import NatsServer  # noqa: PLC0415
+
+    (tmp_path / "nats").mkdir()
+    nats = NatsServer(tmp_path / "nats")
+    try:
+        a, b = (
+            Server(store=nats.url, port=0, http_port=0, shutdown_grace=1.0).start_in_thread()
+            for _ in range(2)
+        )
+        try:
+            b.publish([Change("orders", "CLUSTER-1", order_value("CLUSTER-1", 1))])
+            page = browser.new_page()
+            errors = BrowserErrors(page, a.http_port)
+            page.goto(
+                f"http://127.0.0.1:{a.http_port}/?nodes=127.0.0.1:{a.http_port},"
+                f"127.0.0.1:{b.http_port}"
+            )
+            expect = sync_api.expect
+            expect(page.locator("body")).to_have_attribute(
+                "data-state", "live", timeout=TIMEOUT * 1000
+            )
+            assert join_counts(page)["syncs"] == 1
+            errors.expecting_refusals = True  # node a goes away: its URL is refused
+            a.stop_in_thread(timeout=30)
+            seq = b.publish([Change("orders", "CLUSTER-2", order_value("CLUSTER-2", 2))])
+            page.wait_for_function(f"statecast.seq >= {seq}", timeout=TIMEOUT * 3000)
+            counts = join_counts(page)
+            assert counts["syncs"] == 1
+            assert counts["resumes"] >= 1
+            assert counts["lastJoin"] == "resumed"
+            assert errors.errors == []
+        finally:
+            a.stop_in_thread(timeout=30)
+            b.stop_in_thread(timeout=30)
+    finally:
+        nats.close()

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -37,7 +37,7 @@ from statecast.client.connection import (
     parse_address,
     tls_context_for,
 )
-from statecast.client.replica import Replica, Resynced, Status
+from statecast.client.replica import Replica, Resynced, Status, split_urls
 from statecast.core.frames import ChangeFrame, SnapshotBegin, SnapshotEnd, encode
 from statecast.core.protocol import Change
 from statecast.errors import ConfigError, ConnectionClosed, ProtocolError, StatecastError
@@ -58,12 +58,30 @@ class Target:
 
     def check(self) -> Target:
         """:class:`ConfigError` for a bad URL, CA file or token, before connecting."""
-        tls_context_for(parse_address(self.url), self.ca_file, None)
+        for url in split_urls(self.url):
+            tls_context_for(parse_address(url), self.ca_file, None)
         check_token_settings(self.token, None)
         return self
 
-    def client(self) -> Client:
-        return Client(self.url, ca_file=self.ca_file, token=self.token)
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[Client]:
+        """A connection to the first node of ``--url`` that answers (several nodes of
+        a cluster may be given, comma-separated: docs/cluster.md)."""
+        failure: ConnectionClosed | None = None
+        for url in split_urls(self.url):
+            client = Client(url, ca_file=self.ca_file, token=self.token)
+            try:
+                await client.connect()
+            except ConnectionClosed as exc:
+                failure = exc
+                continue
+            try:
+                yield client
+            finally:
+                await client.close()
+            return
+        assert failure is not None
+        raise failure
 
     def replica(self, **options: Any) -> Replica:
         return Replica(self.url, ca_file=self.ca_file, token=self.token, **options)
@@ -101,7 +119,7 @@ async def sync(target: Target, collections: list[str] | None, output: IO[bytes],
     err = Console(stderr=True, soft_wrap=True)
     show = err.is_terminal
     t0 = time.monotonic()
-    async with target.client() as client:
+    async with target.open() as client:
         start_bytes = client.bytes_received
         progress = Progress(
             TextColumn("[bold]sync[/]"),
@@ -217,7 +235,7 @@ async def watch(target: Target, collections: list[str] | None, as_json: bool) ->
     # Fail fast (exit 1) if the server cannot be reached at all at first, or refuses
     # us (a ping needs a valid token on a server with auth); later failures are the
     # replica's to ride out, and its status lines say what happens.
-    async with target.client() as probe:
+    async with target.open() as probe:
         await probe.ping()
     logging.getLogger("statecast.client").setLevel(logging.ERROR)  # said by on_status
     async with replica:
@@ -235,7 +253,7 @@ async def watch(target: Target, collections: list[str] | None, as_json: bool) ->
 
 # -- publish ------------------------------------------------------------------------
 async def publish_one(target: Target, change: Change) -> int:
-    async with target.client() as client:
+    async with target.open() as client:
         seq = await client.publish([change])
     print(seq)
     return 0
@@ -247,7 +265,7 @@ async def publish_many(target: Target, lines: IO[bytes], batch: int, window: int
     err = Console(stderr=True, highlight=False)
     total = 0
     last = 0
-    async with target.client() as client:
+    async with target.open() as client:
         inflight: list[asyncio.Task[int]] = []
 
         async def settle(keep: int) -> None:
@@ -280,7 +298,7 @@ async def publish_many(target: Target, lines: IO[bytes], batch: int, window: int
 # -- stats --------------------------------------------------------------------------
 async def stats(target: Target, interval: float, as_json: bool) -> int:
     """The server's counters, and rates measured over ``interval`` seconds."""
-    async with target.client() as client:
+    async with target.open() as client:
         first = await client.stats()
         t0 = time.monotonic()
         await asyncio.sleep(interval)

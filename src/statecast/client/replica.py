@@ -30,7 +30,7 @@ import logging
 import os
 import random
 import ssl as _ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Self
@@ -56,13 +56,14 @@ from statecast.core.frames import (
     SnapshotEnd,
 )
 from statecast.errors import (
+    ConfigError,
     ProtocolError,
     ResyncRequired,
     StatecastError,
     Unauthorized,
 )
 
-__all__ = ["Progress", "Replica", "Resynced", "Status"]
+__all__ = ["Progress", "Replica", "Resynced", "Status", "split_urls"]
 
 log = logging.getLogger("statecast.client.replica")
 
@@ -104,10 +105,19 @@ def _token_filters(authed: Authed | None) -> bool:
     return authed is not None and (authed.read != "*" or bool(authed.where))
 
 
+def split_urls(url: str | Sequence[str]) -> list[str]:
+    """The node URLs of ``"tcp://a:8989,tcp://b:8989"`` or of a list."""
+    parts = url.split(",") if isinstance(url, str) else list(url)
+    urls = [u.strip() for u in parts if u.strip()]
+    if not urls:
+        raise ConfigError("no server URL given")
+    return urls
+
+
 class Replica:
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         collections: Iterable[str] | None = None,
         where: Mapping[str, Any] | None = None,
@@ -124,7 +134,11 @@ class Replica:
         on_status: Callable[[Status, str], None] | None = None,
         on_resync: Callable[[Resynced], None] | None = None,
     ) -> None:
-        self.url = url
+        # Several nodes of a cluster (docs/cluster.md): "tcp://a:8989,tcp://b:8989" or a
+        # list. The replica uses one at a time and moves to the next when it cannot
+        # reach it or loses it; the nodes share epoch and seqs, so it resumes there.
+        self.urls = split_urls(url)
+        self.url = self.urls[0]
         self.collections = None if collections is None else sorted(set(collections))
         self.where = None if where is None else dict(where)
         # §3.9: conflated changes (seqs then skip: only increasing is checked).
@@ -133,7 +147,8 @@ class Replica:
         self._gap_ok_once = False
         # Checked here, once: a bad URL or CA file is the caller's error, not a reason
         # to retry.
-        tls_context_for(parse_address(url), ca_file, ssl)
+        for each in self.urls:
+            tls_context_for(parse_address(each), ca_file, ssl)
         self._ca_file = ca_file
         self._ssl = ssl
         check_token_settings(token, token_provider)
@@ -293,6 +308,9 @@ class Replica:
                 break
             delay = min(self.max_backoff, self.min_backoff * 2**attempt) * random.uniform(0.5, 1.5)
             attempt += 1
+            if len(self.urls) > 1:  # the next node: it serves the same history
+                self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
+                delay = min(delay, self.min_backoff * random.uniform(0.5, 1.5) * len(self.urls))
             self.reconnects += 1
             self._set_status("reconnecting", f"{reason}; reconnecting in {delay:.1f}s")
             await asyncio.sleep(delay)

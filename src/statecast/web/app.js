@@ -59,11 +59,22 @@ let awaitingToken = false;      // an auth error came: wait for the user, do not
 const rate = { buckets: [0, 0, 0, 0], i: 0 };   // changes applied per 250 ms, last second
 
 // -- connection --------------------------------------------------------------------
+// Nodes of a cluster (docs/cluster.md): ?nodes=host:port,host:port (their HTTP ports).
+// The page uses one at a time and moves to the next when it loses it; the nodes share
+// epoch and seqs, so it resumes there. Without it: the node that served the page.
+const nodes = (new URLSearchParams(location.search).get("nodes") || "")
+  .split(",").map((n) => n.trim()).filter((n) => n);
+let node = 0;
+
 function wsUrl() {
   // Next to the page (so it also works behind a proxy under a path), ws: or wss: as
   // the page is http: or https:.
   const url = new URL("ws", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  if (nodes.length) {
+    url.host = nodes[node % nodes.length];
+    url.pathname = "/ws";
+  }
   return url.href;
 }
 
@@ -135,8 +146,12 @@ function scheduleReconnect(reason) {
     setConn("down", "waiting for an access token");
     return;
   }
-  const delay = Math.min(10, 0.25 * 2 ** attempt) * (0.5 + Math.random());
+  let delay = Math.min(10, 0.25 * 2 ** attempt) * (0.5 + Math.random());
   attempt += 1;
+  if (nodes.length > 1) {                           // the next node, without waiting long
+    node += 1;
+    delay = Math.min(delay, 0.25 * nodes.length * (0.5 + Math.random()));
+  }
   setConn("down", reason + " · reconnecting in " + delay.toFixed(1) + "s");
   retryTimer = setTimeout(connect, delay * 1000);
 }
