@@ -16,9 +16,25 @@ from typing import Literal
 
 from statecast.errors import ConfigError
 
-__all__ = ["Config", "is_loopback"]
+__all__ = ["Config", "is_loopback", "redact_url"]
 
 MiB = 1024 * 1024
+
+
+_SLOT_RE = re.compile(r"[a-z0-9_]{1,63}")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (for messages and logs)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    userinfo, at, hostport = authority.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    path = re.sub(r"(?i)(password=)[^&]*", r"\1***", path)
+    return f"{scheme}://{userinfo}{at}{hostport}{slash}{path}"
 
 
 def is_loopback(host: str) -> bool:
@@ -57,6 +73,13 @@ class Config:
     nats_checkpoint_interval: int | None = None  # changes between checkpoints (None: auto)
     nats_replicas: int | None = None  # of the streams it creates (None: 3 if clustered)
 
+    # Source: follow PostgreSQL tables (docs/postgres.md)
+    source: str | None = None  # postgresql://USER[:PASSWORD]@HOST[:PORT]/DB; None: no source
+    tables: str | None = None  # comma-separated tables to follow (None: the publication's)
+    publication: str = "statecast"  # created with --tables if missing (and permitted)
+    slot: str = "statecast"  # the logical replication slot (pgoutput) statecast owns
+    numeric_as_number: bool = False  # numeric columns as JSON numbers, not exact strings
+
     # Limits
     max_pending: int = 8 * MiB  # output bytes waiting for one subscriber (§7)
     slow_consumer: Literal["disconnect", "conflate"] = "disconnect"  # past max_pending (§7)
@@ -93,6 +116,7 @@ class Config:
     def __post_init__(self) -> None:
         self._check_network()
         self._check_store()
+        self._check_source()
         self._check_limits()
 
     def _check_network(self) -> None:
@@ -129,6 +153,36 @@ class Config:
             )
         if self.retain < 0:
             raise ConfigError(f"retain must be >= 0, not {self.retain}")
+
+    def _check_source(self) -> None:
+        if self.source is None:
+            if self.tables is not None:
+                raise ConfigError("tables needs a source (--source postgresql://...)")
+            return
+        if not self.source.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(
+                "source must be a PostgreSQL URL, postgresql://USER@HOST:PORT/DATABASE, "
+                f"not {redact_url(self.source)!r}"
+            )
+        if self.store != "memory" and not self.store.startswith("sqlite"):
+            raise ConfigError(
+                "a source works with the sqlite and memory stores, not "
+                f"{self.store.split('://', 1)[0]}:// (docs/postgres.md)"
+            )
+        if not _SLOT_RE.fullmatch(self.slot):
+            raise ConfigError(
+                f"slot must be 1 to 63 of a-z 0-9 _ (PostgreSQL's rule), not {self.slot!r}"
+            )
+        if not self.publication or len(self.publication) > 63 or "\x00" in self.publication:
+            raise ConfigError(
+                f"publication must be a name of 1 to 63 bytes, not {self.publication!r}"
+            )
+        if self.tables is not None:
+            names = [t.strip() for t in self.tables.split(",")]
+            if not any(names) or not all(names):
+                raise ConfigError(
+                    f"tables must be a comma-separated list of table names, not {self.tables!r}"
+                )
 
     def _check_limits(self) -> None:
         if self.slow_consumer not in ("disconnect", "conflate"):

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from aiohttp import web
 
@@ -37,7 +37,7 @@ from statecast.core.policy import Grant
 from statecast.core.protocol import Change, PreparedChange, prepare_changes
 from statecast.core.session import InflightBudget, Session
 from statecast.core.store import Store
-from statecast.errors import ProtocolError, ServerStateError, ShuttingDown
+from statecast.errors import ConfigError, ProtocolError, ServerStateError, ShuttingDown
 from statecast.inbox import Item, PublishInbox
 from statecast.loops import LoopThread
 from statecast.security import (
@@ -51,6 +51,10 @@ from statecast.stores import open_store
 from statecast.transports.base import Connections
 from statecast.transports.http import TimedAppRunner, make_app
 from statecast.transports.tcp import TcpConnection
+
+if TYPE_CHECKING:
+    from statecast.sources.batches import Applier
+    from statecast.sources.postgres import Plan, PostgresSource
 
 __all__ = ["Server"]
 
@@ -113,6 +117,11 @@ class Server:
         self._engine: Engine | None = None
         self._store: Store | None = None
         self._inbox: PublishInbox | None = None
+        # A PostgreSQL source (--source, docs/postgres.md): its thread hands its batches
+        # to the loop through an inbox of its own, applied in order by the applier.
+        self._source: PostgresSource | None = None
+        self._source_inbox: PublishInbox | None = None
+        self._applier: Applier | None = None
         self._listener: asyncio.Server | None = None
         self.connections = Connections()
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -165,6 +174,9 @@ class Server:
             await self._open_and_listen(loop)
         except BaseException:
             # Leave nothing behind: no HTTP port, no open store, no listener.
+            if self._source is not None:
+                await asyncio.to_thread(self._source.stop)
+                self._source = None
             if self._http is not None:
                 await self._http.cleanup()
                 self._http = None
@@ -179,10 +191,13 @@ class Server:
         cfg = self.config
         fd_headroom(cfg.max_connections)
         store = open_store(cfg)
+        if cfg.source is not None:
+            self._check_source_store(store)
         log.info("opening store %s", store.description)
         # Loading a large store takes seconds: keep the loop free meanwhile.
         await asyncio.to_thread(store.open, loop.call_soon_threadsafe)
         self._store = store
+        plan = await self._prepare_source(store) if cfg.source is not None else None
         self._engine = Engine(
             store, FlushPacer(loop, cfg.flush_interval).schedule, timer=loop.call_later
         )
@@ -191,6 +206,8 @@ class Server:
         for callback in self._engine_callbacks:
             callback(self._engine)
         self._inbox = PublishInbox(loop, self._apply_inbox)
+        if plan is not None:
+            await self._start_source(loop, plan)
         self._stopped = asyncio.Event()
         self._listener = await loop.create_server(
             lambda: TcpConnection(self),
@@ -216,6 +233,54 @@ class Server:
             ", access tokens required" if self.verifier else "",
         )
 
+    @staticmethod
+    def _check_source_store(store: Store) -> None:
+        """Refuse, before opening it, a store that cannot commit source positions."""
+        from statecast.core.store import SourceStore  # noqa: PLC0415
+
+        if not isinstance(store, SourceStore):
+            raise ConfigError(
+                f"the store {store.description} cannot follow a PostgreSQL source yet: it "
+                "does not commit source positions (docs/postgres.md); use --store memory"
+            )
+
+    async def _prepare_source(self, store: Store) -> Plan:
+        """Check the source, and resume or reload it (docs/postgres.md), before the
+        engine exists: a reload may reset the store."""
+        from statecast.core.store import SourceStore  # noqa: PLC0415
+        from statecast.sources.postgres import (  # noqa: PLC0415 (loads psycopg2)
+            PostgresSource,
+            SourceSettings,
+        )
+
+        assert isinstance(store, SourceStore)
+        source = PostgresSource(SourceSettings.from_config(self.config))
+        self._source = source
+        log.info("checking the PostgreSQL source %s", source.settings.shown_url)
+        return await asyncio.to_thread(source.prepare, store)
+
+    async def _start_source(self, loop: asyncio.AbstractEventLoop, plan: Plan) -> None:
+        """Start the source thread; return once its initial load is committed, so that
+        no client ever sees part of it."""
+        from statecast.sources.batches import Applier  # noqa: PLC0415
+
+        source = self._source
+        assert source is not None
+        engine = self.engine
+        engine.read_only.update(source.collections)
+        self._applier = Applier(engine)
+        self._source_inbox = PublishInbox(loop, self._applier.take)
+        # A reload under a new epoch keeps the records that do not come from the source.
+        for start in range(0, len(plan.carry), 10_000):
+            result = await self.apublish_prepared(plan.carry[start : start + 10_000])
+            if isinstance(result, ProtocolError):
+                raise result
+        if plan.carry:
+            log.info("kept %d records of collections not from the source", len(plan.carry))
+        plan.carry = []
+        await asyncio.wrap_future(source.start(self._source_inbox.put))
+        source.loaded_seq = engine.seq
+
     async def stop(self, grace: float | None = None) -> None:
         """§8: stop accepting, send every client ``bye``, let output drain for up to
         ``grace`` seconds (default: ``config.shutdown_grace``), then close the rest."""
@@ -234,6 +299,14 @@ class Server:
         for conn in self.connections:
             conn.stop_reading()  # §8: nothing more is read; what was read is answered
         self._listener.close()
+        if self._source is not None:
+            # The source first: what it handed over is committed below; the rest, and
+            # what the slot has not confirmed, streams again at the next start.
+            await asyncio.to_thread(self._source.stop)
+            if self._applier is not None:
+                self._applier.close()
+            if self._source_inbox is not None:
+                self._source_inbox.close()
         self._inbox.close()  # publishes queued before now are applied, later ones refused
         committed = self._loop.create_future()
         self._store.flush(lambda: committed.set_result(None))
@@ -328,6 +401,8 @@ class Server:
         """Like :meth:`publish`, without waiting (from any thread, the loop's too):
         the future gets the seq."""
         batch = prepare_changes(changes)
+        if self._engine is not None:
+            self._engine.check_writable(c[0] for c in batch)
         inbox = self._inbox
         if inbox is None:
             raise ServerStateError("the server is not running: start it before publishing")
@@ -336,6 +411,8 @@ class Server:
     async def apublish(self, changes: Changes) -> int:
         """Publish from a coroutine; on the server's own loop this applies at once."""
         batch = prepare_changes(changes)
+        if self._engine is not None:
+            self._engine.check_writable(c[0] for c in batch)
         if self._on_loop_thread():
             if self.stopping:
                 raise ShuttingDown("the server is shutting down")
@@ -374,6 +451,20 @@ class Server:
     def ready(self) -> bool:
         """Serving: the store is loaded (and caught up), and the server is not stopping."""
         return self._serving and self._store is not None and self._store.ready
+
+    @property
+    def source_ready(self) -> bool:
+        """No source, or the source streams (its initial load done, PostgreSQL up)."""
+        return self._source is None or self._source.ready
+
+    def source_status(self) -> dict[str, Any] | None:
+        """What the PostgreSQL source is doing (None without one): ``state`` (loading,
+        streaming, down, failed), ``lag_bytes``, ``committed_lsn``, counters, ``error``."""
+        if self._source is None:
+            return None
+        status = self._source.status()
+        status["loaded_seq"] = self._source.loaded_seq
+        return status
 
     @property
     def engine(self) -> Engine:
@@ -460,7 +551,8 @@ class Server:
             "slow_consumer_disconnects": self.connections.slow_consumer_disconnects,
             "publishes_failed": engine.publishes_failed,
             "retained_changes": len(engine.store.log),
-            "store": engine.store.description,
+            "store": engine.store.description
+            + ("" if self._source is None else f"; source {self._source.summary()}"),
             "uptime": round(time.monotonic() - self._started_at, 3),
         }
 
@@ -475,17 +567,22 @@ class Server:
             self.clock = now = loop.time()
             if self._http is not None and self._http.timed is not None:
                 self._http.timed.close_stalled()  # §7 --request-timeout, over HTTP
-            for conn in self.connections:
-                session = conn.session
-                if session is None:
-                    continue
-                session.tick()  # token expiry; auth, request, idle, snapshot timeouts
-                if session.degraded:
-                    conn.restore_if_drained()  # §7 --slow-consumer conflate
-                if (
-                    interval is not None
-                    and session.joined
-                    and not session.closing
-                    and now - conn.last_send >= interval
-                ):
-                    conn.send_heartbeat()
+            self._tick_connections(now, interval)
+
+    def _tick_connections(self, now: float, interval: float | None) -> None:
+        """One tick for every connection. A function of its own, so that no variable of
+        the sleeping heartbeat loop keeps a closed connection alive."""
+        for conn in self.connections:
+            session = conn.session
+            if session is None:
+                continue
+            session.tick()  # token expiry; auth, request, idle, snapshot timeouts
+            if session.degraded:
+                conn.restore_if_drained()  # §7 --slow-consumer conflate
+            if (
+                interval is not None
+                and session.joined
+                and not session.closing
+                and now - conn.last_send >= interval
+            ):
+                conn.send_heartbeat()

@@ -182,6 +182,34 @@ def main() -> None:
     help="Replicas of the streams a nats:// store creates (off: 3 if NATS is clustered, else 1).",
 )
 @option(
+    "--source",
+    default=_defaults.source,
+    help="Follow PostgreSQL tables: postgresql://USER@HOST:PORT/DATABASE (docs/postgres.md); "
+    "prefer PGPASSWORD or ~/.pgpass to a password in the URL.",
+)
+@option(
+    "--tables",
+    default=_defaults.tables,
+    help="Tables to follow, comma-separated (schema.table outside public); "
+    "default: every table of --publication.",
+)
+@option(
+    "--publication",
+    default=_defaults.publication,
+    help="The PostgreSQL publication to follow (created with --tables if missing).",
+)
+@option(
+    "--slot",
+    default=_defaults.slot,
+    help="The logical replication slot statecast creates and owns in PostgreSQL.",
+)
+@option(
+    "--numeric-as-number",
+    is_flag=True,
+    default=_defaults.numeric_as_number,
+    help="Send numeric columns as JSON numbers (may round) instead of exact strings.",
+)
+@option(
     "--max-pending",
     default=_defaults.max_pending,
     type=SizeType(),

@@ -52,6 +52,7 @@ from statecast.core.frames import (
     Stats,
     Subscribed,
     decode_frame,
+    skippable,
 )
 from statecast.core.protocol import Change, prepare_changes
 from statecast.errors import (
@@ -240,6 +241,22 @@ def refresh_delay(remaining: float) -> float:
         return 0.0
     lead = max(0.2 * remaining, min(5.0, 0.5 * remaining))
     return remaining - lead
+
+
+def _frame_of(line: bytes) -> Frame | BadFrame | None:
+    """One frame line: the frame; None for a type this client does not know (from a
+    newer server: ignored); BadFrame when the stream is unusable: not JSON, not UTF-8
+    (msgspec raises UnicodeDecodeError for a string), nested past the parser, or a
+    frame it knows with a field it cannot read (skipping that would leave a copy stale
+    while it looks live)."""
+    try:
+        return decode_frame(line)
+    except msgspec.ValidationError as exc:
+        if skippable(line):
+            return None
+        return BadFrame(f"malformed frame from the server: {exc}")
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        return BadFrame(f"malformed frame from the server: {exc}")
 
 
 class Client:
@@ -680,14 +697,11 @@ class Client:
                     if self._raw_records and line.startswith(RECORD_PREFIX):
                         batch.append(line)  # sync_raw: passed on as it came
                         continue
-                    try:
-                        frame = decode_frame(line)
-                    except msgspec.ValidationError:
+                    frame = _frame_of(line)
+                    if frame is None:
                         continue  # a frame type this client does not know: ignore it
-                    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-                        # Not JSON, not UTF-8 (msgspec raises UnicodeDecodeError for a
-                        # string), or nested past the parser: the stream is unusable.
-                        error = BadFrame(f"malformed frame from the server: {exc}")
+                    if isinstance(frame, BadFrame):
+                        error = frame
                         break
                     if isinstance(frame, _ANSWERS) and frame.id in self._pending:
                         fut = self._pending.pop(frame.id)

@@ -7,13 +7,15 @@ engine, so they share the same state, change log and fan-out.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 from statecast.core.fanout import Fanout
+from statecast.core.frames import RequestId
 from statecast.core.protocol import PreparedChange
 from statecast.core.state import Record, Snapshot
-from statecast.core.store import Store
-from statecast.errors import ProtocolError
+from statecast.core.store import Position, SourceStore, Store
+from statecast.errors import Forbidden, ProtocolError
 
 __all__ = ["Engine", "PublishDone"]
 
@@ -37,6 +39,9 @@ class Engine:
         self.errors: collections.Counter[str] = collections.Counter()  # error frames by code
         # Requests refused by a limit (§7), by limit: statecast_limit_hits_total.
         self.limit_hits: collections.Counter[str] = collections.Counter()
+        # Collections that follow a source (a PostgreSQL table, docs/postgres.md) -> what
+        # they follow: only the source writes them; a publish to one is forbidden.
+        self.read_only: dict[str, str] = {}
 
     @property
     def seq(self) -> int:
@@ -46,12 +51,35 @@ class Engine:
     def epoch(self) -> str:
         return self.store.epoch
 
-    def publish(self, batch: Sequence[PreparedChange], done: PublishDone) -> None:
+    def check_writable(self, collections: Iterable[str], rid: RequestId = None) -> None:
+        """Raise ``Forbidden`` if a collection follows a source (only it writes there)."""
+        read_only = self.read_only
+        if not read_only:
+            return
+        for name in collections:
+            source = read_only.get(name)
+            if source is not None:
+                raise Forbidden(
+                    f"collection {name!r} follows {source} and is read-only: change the "
+                    "table in PostgreSQL instead",
+                    request_id=rid,
+                )
+
+    def publish(
+        self,
+        batch: Sequence[PreparedChange],
+        done: PublishDone,
+        position: Position | None = None,
+    ) -> None:
         """Commit a validated batch through the store; once committed, install it
         in the state and the log, queue it for subscribers, and call ``done``.
 
         With the memory store all of this happens before ``publish`` returns; with a
         durable store, once the batch is on disk (§3.3: the ack means committed).
+
+        ``position`` (a source's batches only) is committed with the batch, by a
+        :class:`~statecast.core.store.SourceStore` (the server checked the store is
+        one); the batch may then be empty, and ``done`` gets the current seq.
         """
 
         def committed(records: list[Record] | None, error: ProtocolError | None) -> None:
@@ -60,10 +88,16 @@ class Engine:
                 assert error is not None
                 done(error)
                 return
+            if not records:  # a position alone
+                done(self.store.state.seq)
+                return
             self.install(records)
             done(records[-1].seq)
 
-        self.store.submit(batch, committed)
+        if position is None:
+            self.store.submit(batch, committed)
+        else:
+            cast(SourceStore, self.store).submit_source(batch, committed, position)
 
     def install(self, records: list[Record]) -> None:
         """A committed batch becomes part of the state and the log, and is queued for

@@ -138,7 +138,18 @@ _Conditions: TypeAlias = tuple[tuple[str, frozenset[_Key]], ...]
 _MISSING: Final = object()
 _PLAIN_NAME: Final = re.compile(r"[A-Za-z0-9_\-]+")
 _HINT: Final = 'use a value, or {"in": [...]}'
-_decode = msgspec.json.Decoder().decode
+_decoder = msgspec.json.Decoder()
+_UNREADABLE: object = object()
+
+
+def _decode(value_json: bytes) -> object:
+    """A stored value, decoded to be matched. Values are valid JSON (§9), but may hold
+    numbers msgspec does not represent (``1e400``, an integer of 5,000 digits): such a
+    value matches no filter (a marker that is no dict), and never stops the fan-out."""
+    try:
+        return _decoder.decode(value_json)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return _UNREADABLE
 
 
 # ---------------------------------------------------------------------------

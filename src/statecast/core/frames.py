@@ -49,6 +49,7 @@ __all__ = [
     "encode",
     "encode_error",
     "encode_heartbeat",
+    "skippable",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -220,6 +221,25 @@ def decode_frame(line: bytes) -> Frame:
     frame type or field this side does not know, ``msgspec.DecodeError`` for a line
     that is not JSON."""
     return cast(Frame, _decoder.decode(line))
+
+
+class _TypeOnly(msgspec.Struct):
+    type: str = ""
+
+
+_type_decoder = msgspec.json.Decoder(_TypeOnly)
+_KNOWN_TYPES: Final = frozenset(cls.__struct_config__.tag for cls in Frame.__args__)
+
+
+def skippable(line: bytes) -> bool:
+    """Whether a frame line that did not decode may be skipped: an object whose
+    ``type`` this side does not know (from a newer server). A known type with a field
+    it cannot read, or anything that is not an object with a type, is malformed."""
+    try:
+        kind = _type_decoder.decode(line).type
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return False
+    return bool(kind) and kind not in _KNOWN_TYPES
 
 
 def encode_error(error: ProtocolError) -> bytes:

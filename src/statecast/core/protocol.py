@@ -156,6 +156,29 @@ def _id_of(line: bytes) -> RequestId:
     return None
 
 
+def _check_utf8(line: bytes, request: Request | PublishBody | None = None) -> None:
+    """§9: a request is UTF-8 as a whole, the fields the server ignores too (msgspec
+    does not look into those). ASCII, the usual case, is checked at C speed. For a
+    publish, the change whose value is not UTF-8 is named."""
+    if line.isascii():
+        return
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        return
+    rid = getattr(request, "id", None)
+    for i, c in enumerate(getattr(request, "changes", ())):
+        try:
+            bytes(c.value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(
+                f"changes[{i}]: invalid value: invalid UTF-8", request_id=rid
+            ) from None
+    raise BadRequest("invalid UTF-8 in the request (§1: lines are UTF-8 JSON)", request_id=rid)
+
+
 def _undecodable(exc: Exception) -> str:
     """§1, §9: why a line is not a request (msgspec raises UnicodeDecodeError for
     invalid UTF-8 in a string and RecursionError past ~1000 levels of nesting)."""
@@ -186,6 +209,7 @@ def parse_request(line: bytes) -> Request:
         raise BadRequest(f"invalid request: {exc}", request_id=_id_of(stripped)) from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise BadRequest(_undecodable(exc)) from None
+    _check_utf8(stripped, request)
     rid = request.id
     if isinstance(request, SyncRequest | SubscribeRequest) and request.collections is not None:
         validate_collections(request.collections, rid)
@@ -221,6 +245,7 @@ def parse_publish_body(body: bytes) -> PublishRequest:
         raise BadRequest(f"invalid publish body: {exc}") from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise BadRequest(_undecodable(exc)) from None
+    _check_utf8(body, req)
     if req.op != "publish":
         raise BadRequest(f"'op' must be 'publish' here, not {req.op!r}")
     return PublishRequest(changes=req.changes, id=req.id)

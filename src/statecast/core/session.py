@@ -179,6 +179,8 @@ def admit_publish(
             request_id=rid,
         )
     grant.check_publish((c.collection for c in request.changes), rid)
+    if engine.read_only:  # collections that follow a source (docs/postgres.md)
+        engine.check_writable((c.collection for c in request.changes), rid)
     batch = prepare_changes(request, plain=plain)
     if limits.max_value is not None:
         for i, (_, _, _, value) in enumerate(batch):

@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeAlias, runtime_checkable
 
 from statecast.core.changelog import ChangeLog
 from statecast.core.protocol import PreparedChange
 from statecast.core.state import Record, State
 from statecast.errors import ProtocolError
 
-__all__ = ["Committed", "Install", "Store", "ToLoop", "new_epoch"]
+__all__ = ["Committed", "Install", "Position", "SourceStore", "Store", "ToLoop", "new_epoch"]
 
 # Called on the loop thread, in publish order, once a batch is committed (records,
 # None) or has failed (None, error).
 Committed = Callable[[list[Record] | None, ProtocolError | None], None]
 # Runs a callable on the loop thread, from any thread (loop.call_soon_threadsafe).
 ToLoop = Callable[[Callable[[], None]], object]
+# Where a source of changes (a PostgreSQL database, docs/postgres.md) was when a batch
+# was taken from it: (the source's name, its position as opaque text), committed in the
+# same transaction as the batch, so that after a restart the source resumes exactly
+# after the last batch the store holds.
+Position: TypeAlias = tuple[str, str]
 # Installs a batch that was committed without a submit of this process (another node
 # of a cluster wrote it, §5.3 still holds: whole batches, in seq order). Loop thread.
 Install = Callable[[list[Record]], None]
@@ -62,3 +67,26 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Finish pending work and release the store (from any thread but the loop's)."""
+
+
+@runtime_checkable
+class SourceStore(Store, Protocol):
+    """A store that can follow a source (``--source``, docs/postgres.md): it commits a
+    source's position together with the batch taken from it, and can start over."""
+
+    positions: dict[str, str]
+    """Source name -> the position committed with the last batch that carried one.
+    Loaded by ``open()``; kept current on the loop thread as batches commit."""
+
+    def submit_source(
+        self, batch: Sequence[PreparedChange], done: Committed, position: Position
+    ) -> None:
+        """As :meth:`Store.submit` (same queue, same order), and ``positions[name] =
+        text`` is committed in the same transaction as the batch: both or neither.
+        ``batch`` may be empty: then only the position is committed, and ``done`` gets
+        an empty list (no seq is used)."""
+
+    def reset(self) -> None:
+        """Start over: no records, an empty log, seq 0, a new epoch, no positions, all
+        committed. Called in a worker thread after ``open()`` and before ``start()``,
+        never while serving (the server does it when a source must be reloaded)."""

@@ -96,13 +96,32 @@ _DEEP_REASON: Final = f"nested deeper than {MAX_DEPTH} levels"
 
 
 _PLAIN_LINE: Final = bytes(b for b in range(0x21, 0x80) if b != 0x5C)
+# What may be a number no client can read (beyond a double: 1e400; an integer of
+# thousands of digits): a three-digit exponent or a long run of digits, also inside a
+# string (then the real check, a decode, clears it).
+_BIG_NUMBER: Final = re.compile(rb"[eE][+-]?[0-9]{3}|[0-9]{309}")
+_RANGE_REASON: Final = (
+    "a number out of range (JSON numbers must fit a 64-bit float, integers 4,300 digits)"
+)
 
 
 def plain_line(line: bytes) -> bool:
-    """Whether a whole request line is compact printable ASCII without escapes: then
-    every value in it is canonical as soon as it is :func:`shallow` (one pass over the
-    line instead of one per value, on the ingest hot path)."""
-    return not line.translate(None, _PLAIN_LINE)
+    """Whether a whole request line is compact printable ASCII without escapes or
+    huge numbers: then every value in it is canonical as soon as it is
+    :func:`shallow` (one pass over the line instead of one per value, on the ingest
+    hot path)."""
+    return not line.translate(None, _PLAIN_LINE) and _BIG_NUMBER.search(line) is None
+
+
+def _numbers_in_range(raw: bytes) -> None:
+    """§9: refuse a value a client cannot decode (msgspec, like JavaScript's doubles,
+    has no 1e400)."""
+    try:
+        msgspec.json.decode(raw)
+    except msgspec.ValidationError as exc:
+        if "out of range" in str(exc):
+            raise InvalidValue(_RANGE_REASON) from None
+        raise
 
 
 def shallow(raw: bytes) -> bool:
@@ -119,8 +138,13 @@ def canonical_value(raw: bytes) -> bytes:
     """
     rest = raw.translate(None, _PLAIN)
     if len(rest) <= MAX_DEPTH and not rest.strip(b"[{") and raw:
+        if _BIG_NUMBER.search(raw) is not None:
+            _numbers_in_range(raw)
         return raw  # compact printable ASCII, no escapes, at most MAX_DEPTH brackets
-    return _canonical_slow(raw, rest)
+    out = _canonical_slow(raw, rest)
+    if _BIG_NUMBER.search(out) is not None:
+        _numbers_in_range(out)
+    return out
 
 
 def _canonical_slow(raw: bytes, rest: bytes) -> bytes:

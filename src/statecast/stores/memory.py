@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from statecast.core.changelog import ChangeLog
 from statecast.core.protocol import PreparedChange
 from statecast.core.state import State, encode_batch
-from statecast.core.store import Committed, Install, ToLoop, new_epoch
+from statecast.core.store import Committed, Install, Position, ToLoop, new_epoch
 
 __all__ = ["MemoryStore"]
 
@@ -18,9 +18,11 @@ class MemoryStore:
     description = "memory"
 
     def __init__(self, retain: int) -> None:
+        self.retain = retain
         self.state = State()
         self.log = ChangeLog(retain)
         self.epoch = new_epoch()
+        self.positions: dict[str, str] = {}  # SourceStore: nothing survives the process
 
     ready = True  # everything it holds is loaded by open()
 
@@ -32,6 +34,19 @@ class MemoryStore:
 
     def submit(self, batch: Sequence[PreparedChange], done: Committed) -> None:
         done(encode_batch(batch, self.state.seq + 1), None)
+
+    def submit_source(
+        self, batch: Sequence[PreparedChange], done: Committed, position: Position
+    ) -> None:
+        records = encode_batch(batch, self.state.seq + 1)
+        self.positions[position[0]] = position[1]
+        done(records, None)
+
+    def reset(self) -> None:
+        self.state = State()
+        self.log = ChangeLog(self.retain)
+        self.epoch = new_epoch()
+        self.positions = {}
 
     def flush(self, done: Callable[[], None]) -> None:
         done()

@@ -162,7 +162,7 @@ class WsConnection:
                 self._stream_idle.set()
                 if session.closing or self._closing:
                     if not self._out:
-                        await ws.close()
+                        await ws.close(code=self._close_code)
                         return
                     continue
                 self._wake.clear()

@@ -1,0 +1,1341 @@
+"""The PostgreSQL source (``--source``, docs/postgres.md), against private PostgreSQL servers.
+
+Most tests share one private server (``pg``), each in a database of its own with a slot of its
+own; the ones that stop, kill or misconfigure PostgreSQL start their own. Statecast runs in the
+test process (``Server.start_in_thread``), so that a test can read its state and change log on
+the loop thread and see every batch the source hands over (``handoffs``); one test runs
+``statecast serve`` as a process. Every wait is bounded (``TIMEOUT``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import psycopg2
+import psycopg2.extensions
+import pytest
+
+from statecast import Server
+from statecast.config import Config
+from statecast.core.state import State
+from statecast.errors import ConfigError, Forbidden, Unavailable
+from statecast.sources import pgoutput
+from statecast.sources.batches import Applier, Op, Patch, SourceBatch, Truncate, resolve
+from statecast.sources.pgmap import RowError, Shape, copy_fields
+from statecast.sources.pgtypes import Oid
+from statecast.sources.postgres import PostgresSource, _row_message
+from statecast.stores.memory import MemoryStore
+from tests.helpers import CMD, TIMEOUT, LineClient, ServeProcess, free_port, wait_for
+from tests.sources.capture_pgoutput import BIN_NAME, DATA_DIR, read_capture
+from tests.sources.pgserver import PgServer
+
+T = TypeVar("T")
+Row = dict[str, Any]
+
+# -- fixtures and helpers ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    with PgServer(settings={"max_replication_slots": 40, "max_wal_senders": 40}) as server:
+        yield server
+
+
+_names = itertools.count(1)
+
+
+class Db:
+    """A database of its own on a private server, and the slot name its tests use."""
+
+    def __init__(self, pg: PgServer, name: str) -> None:
+        self.pg = pg
+        self.name = name
+        self.slot = f"{name}_slot"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{self.pg.user}@{self.pg.host}:{self.pg.port}/{self.name}"
+
+    def connect(self, *, autocommit: bool = True) -> psycopg2.extensions.connection:
+        return self.pg.connect(dbname=self.name, autocommit=autocommit)
+
+    def execute(self, *statements: str) -> None:
+        """Each statement in a transaction of its own."""
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                for statement in statements:
+                    cur.execute(statement)
+        finally:
+            conn.close()
+
+    def transaction(self, *statements: str) -> None:
+        """All the statements in one transaction."""
+        conn = self.connect(autocommit=False)
+        try:
+            with conn.cursor() as cur:
+                for statement in statements:
+                    cur.execute(statement)
+            conn.commit()
+        finally:
+            conn.close()
+
+    def query(self, statement: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement, args)
+                return list(cur.fetchall())
+        finally:
+            conn.close()
+
+    def rows(self, table: str, key: Callable[[Row], str]) -> dict[str, Row]:
+        """The table as statecast should hold it (for tables of ints, text and bools)."""
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"SELECT * FROM {table}")
+                names = [d[0] for d in cur.description or ()]
+                out = {}
+                for values in cur.fetchall():
+                    row = dict(zip(names, values, strict=True))
+                    out[key(row)] = row
+                return out
+        finally:
+            conn.close()
+
+
+def _create_db(pg: PgServer, name: str) -> Db:
+    pg.execute(f"CREATE DATABASE {name}")
+    return Db(pg, name)
+
+
+def _drop_db(pg: PgServer, name: str) -> None:
+    conn = pg.connect()
+    try:
+        with conn.cursor() as cur:
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                cur.execute(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                    " WHERE database = %s AND active_pid IS NOT NULL",
+                    (name,),
+                )
+                try:
+                    cur.execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                        " WHERE database = %s",
+                        (name,),
+                    )
+                    break
+                except psycopg2.errors.ObjectInUse:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def db(pg: PgServer) -> Iterator[Db]:
+    name = f"t{next(_names)}"
+    database = _create_db(pg, name)
+    try:
+        yield database
+    finally:
+        _drop_db(pg, name)
+
+
+@contextlib.contextmanager
+def serving(db: Db, *, timeout: float = TIMEOUT * 6, **settings: Any) -> Iterator[Server]:
+    """A server following ``db`` (memory store unless ``open_store`` is patched)."""
+    settings.setdefault("slot", db.slot)
+    settings.setdefault("store", "memory")
+    server = Server(
+        http_port=None,
+        port=0,
+        heartbeat=None,
+        shutdown_grace=2.0,
+        source=db.url,
+        **settings,
+    )
+    server.start_in_thread(timeout)
+    try:
+        yield server
+    finally:
+        server.stop_in_thread(timeout=TIMEOUT * 6)
+
+
+def on_loop(server: Server, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the server's loop thread (where the state may be read)."""
+
+    async def call() -> T:
+        return fn()
+
+    assert server._loop is not None
+    return asyncio.run_coroutine_threadsafe(call(), server._loop).result(TIMEOUT)
+
+
+def records(server: Server, collection: str) -> dict[str, Any]:
+    def read() -> dict[str, Any]:
+        coll = server.engine.store.state.collections.get(collection)
+        if coll is None:
+            return {}
+        out = {}
+        for record in coll.records():
+            raw = record.value_json()
+            assert raw is not None
+            out[record.key] = msgspec.json.decode(raw)
+        return out
+
+    return on_loop(server, read)
+
+
+def log_after(server: Server, seq: int) -> list[dict[str, Any]]:
+    """The retained changes after ``seq``, as frames (collection, key, value or deleted)."""
+
+    def read() -> list[dict[str, Any]]:
+        out = []
+        for record in server.engine.read_log(seq, 10_000_000):
+            frame = msgspec.json.decode(record.line)
+            assert isinstance(frame, dict)
+            out.append(frame)
+        return out
+
+    return on_loop(server, read)
+
+
+def wait_same(server: Server, collection: str, expected: Callable[[], dict[str, Any]]) -> None:
+    """Wait until the collection holds exactly ``expected()`` (read again each time)."""
+    deadline = time.monotonic() + TIMEOUT * 3
+    while True:
+        want = expected()
+        have = records(server, collection)
+        if have == want:
+            return
+        if time.monotonic() > deadline:
+            missing = sorted(set(want) - set(have))[:5]
+            extra = sorted(set(have) - set(want))[:5]
+            wrong = [k for k in want if k in have and have[k] != want[k]][:3]
+            raise AssertionError(
+                f"{collection}: {len(have)} records, {len(want)} rows; missing {missing}, "
+                f"extra {extra}, different {[(k, have[k], want[k]) for k in wrong]}"
+            )
+        time.sleep(0.05)
+
+
+def wait_seq(server: Server, seq: int) -> None:
+    wait_for(lambda: server.seq >= seq, f"seq {seq} (at {server.seq})", TIMEOUT * 3)
+
+
+@pytest.fixture
+def handoffs(monkeypatch: pytest.MonkeyPatch) -> list[SourceBatch]:
+    """Every batch a source hands to the loop, in order (the load's and the stream's)."""
+    seen: list[SourceBatch] = []
+    original = PostgresSource._handoff
+
+    def record(self: PostgresSource, batch: SourceBatch, cur: Any = None) -> None:
+        seen.append(batch)
+        original(self, batch, cur)
+
+    monkeypatch.setattr(PostgresSource, "_handoff", record)
+    return seen
+
+
+def shared_store(monkeypatch: pytest.MonkeyPatch, store: MemoryStore) -> None:
+    """Every server of the test uses ``store``: a memory store that survives a restart."""
+    monkeypatch.setattr("statecast.server.open_store", lambda config: store)
+
+
+def _sqlite_positions() -> bool:
+    from statecast.stores.sqlite import SQLiteStore  # noqa: PLC0415
+
+    return hasattr(SQLiteStore, "submit_source") and hasattr(SQLiteStore, "reset")
+
+
+NO_SQLITE_POSITIONS = (
+    "SQLiteStore has no source positions yet: it needs submit_source(batch, done, position), "
+    "positions and reset() (core/store.py SourceStore; docs/postgres.md, 'The SQLite store')"
+)
+NEEDS_SQLITE_POSITIONS = pytest.mark.skipif(not _sqlite_positions(), reason=NO_SQLITE_POSITIONS)
+
+
+@pytest.fixture(params=["memory", pytest.param("sqlite", marks=NEEDS_SQLITE_POSITIONS)])
+def lasting(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> dict[str, Any]:
+    """Settings of a store that outlives one server: the SQLite store, or one memory store
+    shared by every server of the test."""
+    if request.param == "sqlite":
+        return {"store": f"sqlite:{tmp_path / 'statecast.db'}"}
+    shared_store(monkeypatch, MemoryStore(1_000_000))
+    return {}
+
+
+def by_id(row: Row) -> str:
+    return str(row["id"])
+
+
+ORDERS = (
+    "CREATE TABLE orders (id text PRIMARY KEY, account text NOT NULL, qty int NOT NULL,"
+    " status text NOT NULL DEFAULT 'open', filled bool NOT NULL DEFAULT false)"
+)
+
+
+# -- mapping, keys, one transaction one batch ---------------------------------------------------
+
+
+def test_initial_load_then_every_change(db: Db) -> None:
+    db.execute(
+        ORDERS,
+        "CREATE TABLE line_items (order_id int, line int, sku text NOT NULL,"
+        " PRIMARY KEY (order_id, line))",
+        "CREATE SCHEMA risk",
+        "CREATE TABLE risk.limits (account text PRIMARY KEY, max_qty int NOT NULL)",
+        "CREATE TABLE ignored (id int PRIMARY KEY)",
+        "INSERT INTO orders VALUES ('O-1', 'ACC-1', 100, 'open', false),"
+        " ('O-2', 'ACC-2', 5, 'filled', true)",
+        "INSERT INTO line_items VALUES (1, 1, 'apple'), (1, 2, 'pear')",
+        "INSERT INTO risk.limits VALUES ('ACC-1', 1000)",
+        "INSERT INTO ignored VALUES (1)",
+    )
+    with serving(db, tables="orders,line_items,risk.limits") as server:
+        assert records(server, "orders") == {
+            "O-1": {"id": "O-1", "account": "ACC-1", "qty": 100, "status": "open", "filled": False},
+            "O-2": {"id": "O-2", "account": "ACC-2", "qty": 5, "status": "filled", "filled": True},
+        }
+        assert records(server, "line_items") == {
+            "[1,1]": {"order_id": 1, "line": 1, "sku": "apple"},
+            "[1,2]": {"order_id": 1, "line": 2, "sku": "pear"},
+        }
+        assert records(server, "risk.limits") == {"ACC-1": {"account": "ACC-1", "max_qty": 1000}}
+        assert records(server, "ignored") == {}
+        wait_for(lambda: server.source_ready, "the source to stream")
+        status = server.source_status()
+        assert status is not None
+        assert status["state"] == "streaming"
+        assert status["tables"] == ["line_items", "orders", "risk.limits"]
+        assert server.source_ready
+        assert "source streaming" in server.stats()["store"]
+
+        db.execute(
+            "INSERT INTO orders VALUES ('O-3', 'ACC-1', 7)",
+            "UPDATE orders SET qty = 50 WHERE id = 'O-1'",
+            "DELETE FROM orders WHERE id = 'O-2'",
+            "INSERT INTO line_items VALUES (2, 1, 'fig')",
+            "UPDATE risk.limits SET max_qty = 10",
+            "INSERT INTO ignored VALUES (2)",
+        )
+        wait_same(server, "orders", lambda: db.rows("orders", by_id))
+        wait_same(
+            server,
+            "line_items",
+            lambda: db.rows("line_items", lambda r: f"[{r['order_id']},{r['line']}]"),
+        )
+        wait_same(server, "risk.limits", lambda: db.rows("risk.limits", lambda r: r["account"]))
+        assert "ignored" not in on_loop(server, lambda: set(server.engine.store.state.collections))
+
+
+def test_one_transaction_is_one_batch_of_consecutive_seqs(
+    db: Db, handoffs: list[SourceBatch]
+) -> None:
+    db.execute(ORDERS, "CREATE TABLE fills (id int PRIMARY KEY, order_id text NOT NULL)")
+    with serving(db, tables="orders,fills") as server:
+        before = server.seq
+        db.transaction(
+            "INSERT INTO orders VALUES ('O-1', 'ACC-1', 100)",
+            "INSERT INTO fills VALUES (1, 'O-1')",
+            "UPDATE orders SET qty = 60, status = 'partially_filled' WHERE id = 'O-1'",
+            "INSERT INTO fills VALUES (2, 'O-1')",
+        )
+        wait_seq(server, before + 4)
+        changes = log_after(server, before)
+        assert [(c["collection"], c["key"]) for c in changes] == [
+            ("orders", "O-1"),
+            ("fills", "1"),
+            ("orders", "O-1"),
+            ("fills", "2"),
+        ]
+        assert [c["seq"] for c in changes] == [before + 1, before + 2, before + 3, before + 4]
+        streamed = [b for b in handoffs if b.lsn]
+        assert len(streamed) == 1
+        assert len(streamed[0]) == 4
+
+
+def test_composite_keys_and_primary_key_updates(db: Db, handoffs: list[SourceBatch]) -> None:
+    db.execute(
+        "CREATE TABLE line_items (order_id int, line int, sku text NOT NULL,"
+        " PRIMARY KEY (order_id, line))",
+        "CREATE TABLE positions (account text, symbol text, qty int NOT NULL,"
+        " PRIMARY KEY (account, symbol))",
+        ORDERS,
+        "INSERT INTO line_items VALUES (1, 1, 'apple'), (1, 2, 'pear')",
+        "INSERT INTO positions VALUES ('ACC-1', 'AAPL', 10), ('ACC \"2\"', 'A,B', 1)",
+        "INSERT INTO orders VALUES ('O-1', 'ACC-1', 100)",
+    )
+    with serving(db, tables="line_items,positions,orders") as server:
+        assert set(records(server, "positions")) == {'["ACC-1","AAPL"]', '["ACC \\"2\\"","A,B"]'}
+        before = server.seq
+        db.execute("UPDATE line_items SET line = 3, sku = 'plum' WHERE order_id = 1 AND line = 2")
+        wait_seq(server, before + 2)
+        # The old key is deleted and the new record written, in the same batch.
+        assert [(c["key"], c.get("deleted", False)) for c in log_after(server, before)] == [
+            ("[1,2]", True),
+            ("[1,3]", False),
+        ]
+        assert len(handoffs[-1]) == 2
+        before = server.seq
+        db.execute("UPDATE orders SET id = 'O-9' WHERE id = 'O-1'")
+        wait_seq(server, before + 2)
+        assert [(c["key"], c.get("deleted", False)) for c in log_after(server, before)] == [
+            ("O-1", True),
+            ("O-9", False),
+        ]
+        # An update that leaves the key alone is one upsert.
+        before = server.seq
+        db.execute("UPDATE positions SET qty = 11 WHERE account = 'ACC-1'")
+        wait_seq(server, before + 1)
+        assert [c["key"] for c in log_after(server, before)] == ['["ACC-1","AAPL"]']
+        wait_same(
+            server,
+            "line_items",
+            lambda: db.rows("line_items", lambda r: f"[{r['order_id']},{r['line']}]"),
+        )
+        wait_same(server, "orders", lambda: db.rows("orders", by_id))
+
+
+def test_truncate_deletes_every_key_in_one_batch(db: Db, handoffs: list[SourceBatch]) -> None:
+    db.execute(
+        ORDERS,
+        "CREATE TABLE fills (id int PRIMARY KEY, order_id text NOT NULL)",
+        "INSERT INTO orders SELECT 'O-' || i, 'ACC-1', i FROM generate_series(1, 50) i",
+        "INSERT INTO fills SELECT i, 'O-' || i FROM generate_series(1, 20) i",
+    )
+    with serving(db, tables="orders,fills") as server:
+        before = server.seq
+        db.transaction(
+            "INSERT INTO orders VALUES ('O-new', 'ACC-2', 1)",
+            "TRUNCATE orders, fills",
+            "INSERT INTO orders VALUES ('O-after', 'ACC-3', 2)",
+        )
+        # 1 insert, 51 + 20 deletes, 1 insert.
+        wait_seq(server, before + 73)
+        changes = log_after(server, before)
+        assert len(changes) == 73
+        assert changes[0]["key"] == "O-new"
+        assert all(c.get("deleted") for c in changes[1:72])
+        assert {c["key"] for c in changes[1:72] if c["collection"] == "orders"} == {
+            f"O-{i}" for i in range(1, 51)
+        } | {"O-new"}
+        assert changes[72]["key"] == "O-after"
+        assert len([b for b in handoffs if b.lsn]) == 1
+        assert records(server, "orders") == {
+            "O-after": {
+                "id": "O-after",
+                "account": "ACC-3",
+                "qty": 2,
+                "status": "open",
+                "filled": False,
+            }
+        }
+        assert records(server, "fills") == {}
+        # A truncate of an empty table is an empty batch: only its position commits.
+        before = server.seq
+        db.execute("TRUNCATE fills", "INSERT INTO fills VALUES (1, 'x')")
+        wait_seq(server, before + 1)
+        assert [c["key"] for c in log_after(server, before)] == ["1"]
+
+
+def test_added_and_dropped_columns_show_in_later_values(db: Db) -> None:
+    db.execute(ORDERS, "INSERT INTO orders VALUES ('O-1', 'ACC-1', 100), ('O-2', 'ACC-1', 1)")
+    with serving(db, tables="orders") as server:
+        before = server.seq
+        db.execute(
+            "ALTER TABLE orders ADD COLUMN note text DEFAULT 'none'",
+            "INSERT INTO orders VALUES ('O-3', 'ACC-2', 3, 'open', false, 'rush')",
+            "UPDATE orders SET qty = 2 WHERE id = 'O-2'",
+        )
+        wait_seq(server, before + 2)
+        have = records(server, "orders")
+        assert have["O-3"]["note"] == "rush"
+        assert have["O-2"] == {
+            "id": "O-2",
+            "account": "ACC-1",
+            "qty": 2,
+            "status": "open",
+            "filled": False,
+            "note": "none",
+        }
+        assert "note" not in have["O-1"]  # not changed since: its value is as it was
+        before = server.seq
+        db.execute("ALTER TABLE orders DROP COLUMN status", "UPDATE orders SET qty = 3")
+        wait_seq(server, before + 3)
+        assert all("status" not in value for value in records(server, "orders").values())
+        wait_same(server, "orders", lambda: db.rows("orders", by_id))
+
+
+# -- types ----------------------------------------------------------------------------------------
+
+TYPES_SCHEMA = (
+    "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')",
+    "CREATE DOMAIN quantity AS int CHECK (VALUE >= 0)",
+    """CREATE TABLE all_types (
+        id int4 PRIMARY KEY,
+        c_int2 int2, c_int8 int8, c_oid oid, c_float4 float4, c_float8 float8,
+        c_numeric numeric, c_numeric_12_3 numeric(12, 3), c_bool bool,
+        c_text text, c_varchar varchar(20), c_char char(3), c_name name,
+        c_timestamp timestamp, c_timestamptz timestamptz, c_date date, c_time time,
+        c_timetz timetz, c_interval interval, c_json json, c_jsonb jsonb,
+        c_int4_arr int4[], c_text_arr text[], c_int4_2d int4[][], c_float8_arr float8[],
+        c_bool_arr bool[], c_numeric_arr numeric[], c_jsonb_arr jsonb[],
+        c_bytea bytea, c_uuid uuid, c_mood mood, c_quantity quantity, c_inet inet,
+        c_money money
+    )""",
+)
+TYPES_ROWS = (
+    """INSERT INTO all_types VALUES (
+        %1%, 32767, 9223372036854775807, 4294967295, 1.5, 3.141592653589793,
+        '12345678901234567890.123456789', 1.5, true,
+        'he said "hi", \\ ok	tab', 'värchar ✓', 'ab', 'a_name',
+        '2024-01-02 03:04:05.123456', '2024-01-02 03:04:05.123456+02', '2024-02-29',
+        '13:14:15.5', '13:14:15+05:30', '1 year 2 mons 3 days 04:05:06.7',
+        '{"b": [1, 2.5, null], "a": "x"}', '{"b": [1, 2.5, null], "a": "x"}',
+        '{1,2,3}', ARRAY['plain', 'with space', 'comma,inside', 'quote"inside',
+                         'back\\slash', '', 'NULL', NULL, 'line
+break'],
+        '{{1,2},{3,4}}', '{1.5,NaN,-Infinity}', '{t,f,NULL}', '{0.1,NaN,-5}',
+        ARRAY['{"k": [1]}'::jsonb, '"s"', 'null'],
+        '\\x00010203fffe', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'happy', 7,
+        '192.168.0.1/24', 12.5
+    )""",
+    """INSERT INTO all_types (id, c_float4, c_float8, c_numeric, c_bool, c_text,
+        c_timestamp, c_timestamptz, c_date, c_int4_arr, c_text_arr, c_int4_2d, c_bytea,
+        c_json, c_jsonb)
+    VALUES (%2%, '-Infinity', 'NaN', 'NaN', false, '', 'infinity', '-infinity', 'infinity',
+        '{}', '{}', '[0:1][1:2]={{5,6},{7,8}}', '\\x', '[]', 'null')""",
+    "INSERT INTO all_types (id) VALUES (%3%)",
+)
+
+
+def types_rows(offset: int) -> list[str]:
+    out = []
+    for i, statement in enumerate(TYPES_ROWS, 1):
+        out.append(statement.replace(f"%{i}%", str(i + offset)))
+    return out
+
+
+EXPECTED_1 = {
+    "id": 1,
+    "c_int2": 32767,
+    "c_int8": 9223372036854775807,
+    "c_oid": 4294967295,
+    "c_float4": 1.5,
+    "c_float8": 3.141592653589793,
+    "c_numeric": "12345678901234567890.123456789",
+    "c_numeric_12_3": "1.500",
+    "c_bool": True,
+    "c_text": 'he said "hi", \\ ok\ttab',
+    "c_varchar": "värchar ✓",
+    "c_char": "ab ",
+    "c_name": "a_name",
+    "c_timestamp": "2024-01-02T03:04:05.123456",
+    "c_timestamptz": "2024-01-02T01:04:05.123456+00:00",
+    "c_date": "2024-02-29",
+    "c_time": "13:14:15.5",
+    "c_timetz": "13:14:15+05:30",
+    "c_interval": "1 year 2 mons 3 days 04:05:06.7",
+    "c_json": {"b": [1, 2.5, None], "a": "x"},
+    "c_jsonb": {"a": "x", "b": [1, 2.5, None]},
+    "c_int4_arr": [1, 2, 3],
+    "c_text_arr": [
+        "plain",
+        "with space",
+        "comma,inside",
+        'quote"inside',
+        "back\\slash",
+        "",
+        "NULL",
+        None,
+        "line\nbreak",
+    ],
+    "c_int4_2d": [[1, 2], [3, 4]],
+    "c_float8_arr": [1.5, "NaN", "-Infinity"],
+    "c_bool_arr": [True, False, None],
+    "c_numeric_arr": ["0.1", "NaN", "-5"],
+    "c_jsonb_arr": [{"k": [1]}, "s", None],
+    "c_bytea": "AAECA//+",
+    "c_uuid": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+    "c_mood": "happy",
+    "c_quantity": 7,
+    "c_inet": "192.168.0.1/24",
+    "c_money": "$12.50",
+}
+
+
+def test_every_type_maps_the_same_from_the_load_and_the_stream(db: Db) -> None:
+    db.execute(*TYPES_SCHEMA, *types_rows(0))
+    with serving(db, tables="all_types") as server:
+        loaded = records(server, "all_types")
+        assert loaded["1"] == EXPECTED_1
+        assert loaded["2"]["c_float4"] == "-Infinity"
+        assert loaded["2"]["c_numeric"] == "NaN"
+        assert loaded["2"]["c_timestamptz"] == "-infinity"
+        assert loaded["2"]["c_int4_2d"] == [[5, 6], [7, 8]]
+        assert loaded["2"]["c_bytea"] == ""
+        assert loaded["2"]["c_jsonb"] is None
+        assert loaded["3"] == {name: (3 if name == "id" else None) for name in EXPECTED_1}
+        # The same rows again, streamed: the same values.
+        db.transaction(*types_rows(100))
+        db.execute("UPDATE all_types SET c_int2 = c_int2 WHERE id = 101")
+        wait_for(lambda: len(records(server, "all_types")) == 6, "the streamed rows")
+        streamed = records(server, "all_types")
+        for i in (1, 2, 3):
+            assert streamed[str(i + 100)] == {**loaded[str(i)], "id": i + 100}
+
+
+def test_numeric_as_number(db: Db) -> None:
+    db.execute(
+        "CREATE TABLE prices (symbol text PRIMARY KEY, px numeric, big numeric, n numeric)",
+        "INSERT INTO prices VALUES ('A', 101.25, 1e400, 'NaN')",
+    )
+    with serving(db, tables="prices", numeric_as_number=True) as server:
+        db.execute("INSERT INTO prices VALUES ('B', 7, 1.5, 2)")
+        wait_for(lambda: len(records(server, "prices")) == 2, "B")
+        have = records(server, "prices")
+        assert have["A"]["px"] == 101.25
+        assert have["A"]["big"] == 10**400  # an integer: exact
+        assert have["A"]["n"] == "NaN"
+        assert have["B"] == {"symbol": "B", "px": 7, "big": 1.5, "n": 2}
+
+
+def test_unchanged_toast_columns_keep_their_value(db: Db) -> None:
+    body = "".join(hashlib.md5(str(i).encode()).hexdigest() for i in range(400))  # 12,800 chars
+    db.execute(
+        "CREATE TABLE documents (id int PRIMARY KEY, title text NOT NULL, body text NOT NULL)",
+        "ALTER TABLE documents ALTER COLUMN body SET STORAGE EXTERNAL",
+        "CREATE TABLE notes (id int PRIMARY KEY, title text NOT NULL, body text NOT NULL)",
+        "ALTER TABLE notes ALTER COLUMN body SET STORAGE EXTERNAL",
+        "ALTER TABLE notes REPLICA IDENTITY FULL",
+        f"INSERT INTO documents VALUES (1, 'v1', '{body}'), (2, 'v1', '{body}x')",
+        f"INSERT INTO notes VALUES (1, 'v1', '{body}')",
+    )
+    with serving(db, tables="documents,notes") as server:
+        before = server.seq
+        db.execute("UPDATE documents SET title = 'v2' WHERE id = 1")  # body: 'u'
+        db.transaction(
+            f"INSERT INTO documents VALUES (3, 'v1', '{body}y')",
+            "UPDATE documents SET title = 'v2' WHERE id = 3",  # 'u', inserted in this batch
+            "UPDATE documents SET id = 20, title = 'moved' WHERE id = 2",  # new key, 'u'
+        )
+        db.execute("UPDATE notes SET title = 'v2'")  # 'u', and the full old row
+        wait_seq(server, before + 6)
+        docs = records(server, "documents")
+        assert docs == {
+            "1": {"id": 1, "title": "v2", "body": body},
+            "3": {"id": 3, "title": "v2", "body": body + "y"},
+            "20": {"id": 20, "title": "moved", "body": body + "x"},
+        }
+        assert records(server, "notes") == {"1": {"id": 1, "title": "v2", "body": body}}
+        assert [c.get("deleted", False) for c in log_after(server, before)][3:5] == [True, False]
+
+
+def test_a_large_transaction_is_one_batch(db: Db, handoffs: list[SourceBatch]) -> None:
+    db.execute("CREATE TABLE ticks (id int PRIMARY KEY, px int NOT NULL)")
+    with serving(db, tables="ticks") as server:
+        before = server.seq
+        db.execute("INSERT INTO ticks SELECT i, i FROM generate_series(1, 100000) i")
+        wait_seq(server, before + 100_000)
+        streamed = [b for b in handoffs if b.lsn]
+        assert [len(b) for b in streamed] == [100_000]
+        assert server.seq == before + 100_000
+        assert len(records(server, "ticks")) == 100_000
+
+
+# -- exact start ------------------------------------------------------------------------------
+
+
+class Writer:
+    """Commits transactions as fast as it can: each inserts ``ROWS`` orders with the same
+    marker M and sets the counter row to n = M, so that a transaction applied twice or
+    lost shows in the counter's sequence, and one split shows in the orders."""
+
+    ROWS = 5
+
+    def __init__(self, db: Db, first: int) -> None:
+        self.db = db
+        self.marker = first
+        self.committed: list[int] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def schema(db: Db, markers: int) -> None:
+        db.execute(
+            "CREATE TABLE orders (id text PRIMARY KEY, marker int NOT NULL, n int NOT NULL)",
+            "CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL)",
+            f"INSERT INTO orders SELECT 'M' || m || '-' || i, m, i"
+            f" FROM generate_series(1, {markers}) m, generate_series(1, {Writer.ROWS}) i",
+            f"INSERT INTO counters VALUES (1, {markers})",
+        )
+
+    def __enter__(self) -> Writer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(TIMEOUT * 3)
+        assert not self._thread.is_alive()
+
+    def wait_commits(self, n: int) -> None:
+        start = len(self.committed)
+        wait_for(lambda: len(self.committed) >= start + n, f"{n} commits", TIMEOUT * 3)
+
+    def _run(self) -> None:
+        conn: psycopg2.extensions.connection | None = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = self.db.connect(autocommit=False)
+                m = self.marker + 1
+                with conn.cursor() as cur:
+                    cur.execute(
+                        "INSERT INTO orders SELECT %s || '-' || i, %s, i"
+                        " FROM generate_series(1, %s) i",
+                        (f"M{m}", m, self.ROWS),
+                    )
+                    cur.execute("UPDATE counters SET n = %s WHERE id = 1", (m,))
+                conn.commit()
+                self.marker = m
+                self.committed.append(m)
+            except psycopg2.Error:
+                # PostgreSQL went away: did the commit make it? Ask once it is back.
+                self.errors += 1
+                if conn is not None:
+                    with contextlib.suppress(psycopg2.Error):
+                        conn.close()
+                conn = None
+                self._stop.wait(0.05)
+                with contextlib.suppress(psycopg2.Error):
+                    m = self.marker + 1
+                    if self.db.query("SELECT count(*) FROM orders WHERE marker = %s", (m,))[0][0]:
+                        self.marker = m
+                        self.committed.append(m)
+        if conn is not None:
+            conn.close()
+
+
+def check_whole_transactions(
+    handoffs: Sequence[SourceBatch], loaded_n: int, last: int
+) -> list[int]:
+    """The streamed batches are the writer's transactions, each once and whole, in
+    order, from ``loaded_n + 1`` to ``last``; returns their markers."""
+    markers = []
+    for batch in handoffs:
+        if not batch.lsn or not len(batch):
+            continue
+        orders = [c for c in batch if c[0] == "orders"]
+        counters = [c for c in batch if c[0] == "counters"]
+        assert len(counters) == 1, batch
+        value = counters[0][3]
+        assert value is not None
+        m = msgspec.json.decode(value)["n"]
+        assert sorted(c[1] for c in orders) == sorted(
+            f"M{m}-{i}" for i in range(1, Writer.ROWS + 1)
+        )
+        markers.append(m)
+    assert markers == list(range(loaded_n + 1, last + 1)), markers[:10]
+    return markers
+
+
+def test_exact_start_under_concurrent_writes(db: Db, handoffs: list[SourceBatch]) -> None:
+    Writer.schema(db, 100)
+    with Writer(db, 100) as writer:
+        writer.wait_commits(20)
+        with serving(db, tables="orders,counters") as server:
+            writer.wait_commits(50)
+            loaded = [b for b in handoffs if not b.lsn]
+            loaded_n = msgspec.json.decode(
+                next(c[3] for b in loaded for c in b if c[0] == "counters") or b"null"
+            )["n"]
+            loaded_markers = {
+                int(c[1][1:].split("-")[0]) for b in loaded for c in b if c[0] == "orders"
+            }
+            # The load holds exactly the transactions up to n, whole.
+            assert loaded_markers == set(range(1, loaded_n + 1))
+            writer.stop()
+            last = writer.committed[-1]
+            wait_same(server, "orders", lambda: db.rows("orders", by_id))
+            wait_same(server, "counters", lambda: db.rows("counters", by_id))
+            assert records(server, "counters") == {"1": {"id": 1, "n": last}}
+            streamed = check_whole_transactions(handoffs, loaded_n, last)
+            assert not set(streamed) & loaded_markers
+            # The log: the load, then each transaction's changes back to back.
+            status = server.source_status()
+            assert status is not None
+            changes = log_after(server, status["loaded_seq"])
+            assert len(changes) == len(streamed) * (Writer.ROWS + 1)
+            for i, m in enumerate(streamed):
+                run = changes[i * (Writer.ROWS + 1) : (i + 1) * (Writer.ROWS + 1)]
+                assert {
+                    c["value"]["n"] if c["collection"] == "counters" else c["value"]["marker"]
+                    for c in run
+                } == {m}
+
+
+# -- read-only collections ------------------------------------------------------------------------
+
+
+def test_a_publish_to_a_source_collection_is_forbidden(db: Db) -> None:
+    db.execute(ORDERS, "INSERT INTO orders VALUES ('O-1', 'ACC-1', 100)")
+    with serving(db, tables="orders") as server, LineClient(server.port) as client:
+        seq = server.seq
+        answer = client.request(
+            {
+                "op": "publish",
+                "id": 1,
+                "changes": [
+                    {"collection": "notes", "key": "n1", "value": 1},
+                    {"collection": "orders", "key": "O-1", "delete": True},
+                ],
+            }
+        )
+        assert answer["type"] == "error"
+        assert answer["code"] == "forbidden"
+        assert "public.orders" in answer["message"]
+        assert server.seq == seq  # nothing of the batch
+        with pytest.raises(Forbidden, match=r"public\.orders"):
+            server.put("orders", "O-2", {"qty": 1})
+        # Producers keep working for collections that are not from the source.
+        ack = client.request(
+            {
+                "op": "publish",
+                "id": 2,
+                "changes": [{"collection": "notes", "key": "n1", "value": 1}],
+            }
+        )
+        assert ack == {"type": "ack", "seq": seq + 1, "id": 2}
+        assert server.put("notes", "n2", "x") == seq + 2
+        assert records(server, "orders")["O-1"]["qty"] == 100
+
+
+# -- restarts: resume under the same epoch, or reload under a new one --------------------------
+
+
+def test_a_restart_resumes_from_the_slot_under_the_same_epoch(
+    db: Db, lasting: dict[str, Any], handoffs: list[SourceBatch]
+) -> None:
+    Writer.schema(db, 10)
+    with serving(db, tables="orders,counters", **lasting) as server:
+        db.execute("UPDATE counters SET n = 11", "DELETE FROM orders WHERE marker = 1")
+        wait_same(server, "counters", lambda: db.rows("counters", by_id))
+        epoch, seq = server.epoch, server.seq
+    # While statecast is away.
+    db.execute(
+        "UPDATE counters SET n = 12",
+        "INSERT INTO orders VALUES ('late', 12, 1)",
+        "DELETE FROM orders WHERE marker = 2",
+    )
+    handoffs.clear()
+    with serving(db, tables="orders,counters", **lasting) as server:
+        assert server.epoch == epoch
+        assert not [b for b in handoffs if not b.lsn]  # no load
+        wait_same(server, "orders", lambda: db.rows("orders", by_id))
+        wait_same(server, "counters", lambda: db.rows("counters", by_id))
+        # Exactly the missed changes, to a client that resumes.
+        with LineClient(server.port) as client:
+            answer = client.request({"op": "subscribe", "from": seq, "epoch": epoch})
+            assert answer["type"] == "subscribed"
+            missed: list[tuple[str, str, bool]] = []
+            while len(missed) < server.seq - seq:
+                frame = client.read()
+                if frame["type"] == "change":
+                    missed.append((frame["collection"], frame["key"], frame.get("deleted", False)))
+        assert missed == [("counters", "1", False), ("orders", "late", False)] + [
+            ("orders", f"M2-{i}", True) for i in range(1, Writer.ROWS + 1)
+        ]
+
+
+def test_a_dropped_slot_reloads_under_a_new_epoch(
+    db: Db, lasting: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    db.execute(ORDERS, "INSERT INTO orders VALUES ('O-1', 'ACC-1', 100)")
+    with serving(db, tables="orders", **lasting) as server:
+        server.put("notes", "n1", {"text": "kept"})  # a producer's record
+        epoch, seq = server.epoch, server.seq
+    db.execute(
+        f"SELECT pg_drop_replication_slot('{db.slot}')",
+        "INSERT INTO orders VALUES ('O-2', 'ACC-2', 5)",
+        "DELETE FROM orders WHERE id = 'O-1'",
+    )
+    with (
+        caplog.at_level(logging.WARNING, "statecast"),
+        serving(db, tables="orders", **lasting) as server,
+    ):
+        assert server.epoch != epoch
+        assert records(server, "notes") == {"n1": {"text": "kept"}}
+        assert records(server, "orders") == db.rows("orders", by_id)
+        with LineClient(server.port) as client:
+            answer = client.request({"op": "subscribe", "from": seq, "epoch": epoch})
+            assert answer["code"] == "resync_required"
+        db.execute("INSERT INTO orders VALUES ('O-3', 'ACC-3', 1)")
+        wait_same(server, "orders", lambda: db.rows("orders", by_id))
+    assert any(
+        f"replication slot '{db.slot}' does not exist any more" in r.getMessage()
+        and "new epoch" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
+
+
+def test_a_slot_that_lost_its_wal_reloads_under_a_new_epoch(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared_store(monkeypatch, MemoryStore(1_000_000))
+    with PgServer(settings={"max_slot_wal_keep_size": "1MB"}) as own:
+        db = Db(own, "postgres")
+        db.execute(ORDERS, "CREATE TABLE filler (id int)")
+        with serving(db, tables="orders") as server:
+            epoch = server.epoch
+        # While statecast is away, more WAL than the slot may keep.
+        for _ in range(4):
+            db.execute(
+                "INSERT INTO filler SELECT generate_series(1, 50000)", "SELECT pg_switch_wal()"
+            )
+        db.execute("INSERT INTO orders VALUES ('O-1', 'ACC-1', 1)", "CHECKPOINT")
+        assert db.query(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (db.slot,)
+        ) == [("lost",)]
+        with (
+            caplog.at_level(logging.WARNING, "statecast"),
+            serving(db, tables="orders") as server,
+        ):
+            assert server.epoch != epoch
+            assert set(records(server, "orders")) == {"O-1"}
+    assert any("lost WAL it still needed" in r.getMessage() for r in caplog.records)
+
+
+def test_changed_tables_reload_under_a_new_epoch(
+    db: Db, lasting: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    db.execute(
+        ORDERS,
+        "CREATE TABLE fills (id int PRIMARY KEY)",
+        "INSERT INTO orders VALUES ('O-1', 'ACC-1', 100)",
+        "INSERT INTO fills VALUES (1)",
+    )
+    with serving(db, tables="orders,fills", **lasting) as server:
+        epoch = server.epoch
+    with (
+        caplog.at_level(logging.WARNING, "statecast"),
+        serving(db, tables="orders", **lasting) as server,
+    ):
+        assert server.epoch != epoch
+        assert records(server, "fills") == {}  # a table no longer followed is gone
+        assert set(records(server, "orders")) == {"O-1"}
+    assert any("tables fills, orders -> orders" in r.getMessage() for r in caplog.records)
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_postgres_stopped_under_load_loses_and_doubles_nothing(
+    how: str, handoffs: list[SourceBatch]
+) -> None:
+    with PgServer() as own:
+        db = Db(own, "postgres")
+        Writer.schema(db, 10)
+        with serving(db, tables="orders,counters") as server, Writer(db, 10) as writer:
+            writer.wait_commits(30)
+            if how == "stop":
+                own.stop()
+            else:
+                own.kill()
+            wait_for(
+                lambda: (server.source_status() or {}).get("state") == "down",
+                "the source to say it is down",
+                TIMEOUT * 3,
+            )
+            assert not server.source_ready
+            status = server.source_status()
+            assert status is not None
+            assert status["error"]
+            assert "source down" in server.stats()["store"]
+            # Reads go on.
+            with LineClient(server.port) as client:
+                client.send({"op": "sync", "collections": ["counters"]})
+                assert client.read_until("snapshot_end")[-1]["count"] == 1
+            own.start()
+            writer.wait_commits(30)
+            writer.stop()
+            last = writer.committed[-1]
+            wait_same(server, "orders", lambda: db.rows("orders", by_id))
+            wait_same(server, "counters", lambda: db.rows("counters", by_id))
+            status = server.source_status()
+            assert status is not None
+            assert status["state"] == "streaming"
+            assert status["reconnects"] >= 1
+            check_whole_transactions(handoffs, 10, last)
+
+
+def test_a_slot_dropped_while_streaming_stops_the_source_and_says_why(
+    db: Db, caplog: pytest.LogCaptureFixture
+) -> None:
+    db.execute(ORDERS, "INSERT INTO orders VALUES ('O-1', 'ACC-1', 100)")
+    with caplog.at_level(logging.ERROR, "statecast"), serving(db, tables="orders") as server:
+        wait_for(lambda: server.source_ready, "the source to stream")
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # end its walsender, and drop the slot before statecast is back
+            db.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                f" WHERE slot_name = '{db.slot}' AND active_pid IS NOT NULL"
+            )
+            try:
+                db.execute(f"SELECT pg_drop_replication_slot('{db.slot}')")
+                break
+            except psycopg2.errors.ObjectInUse:
+                assert time.monotonic() < deadline
+        wait_for(
+            lambda: (server.source_status() or {}).get("state") == "failed",
+            "the source to fail",
+            TIMEOUT * 3,
+        )
+        assert "source failed" in server.stats()["store"]
+        assert records(server, "orders") == {  # reads go on
+            "O-1": {"id": "O-1", "account": "ACC-1", "qty": 100, "status": "open", "filled": False}
+        }
+    assert any(
+        "does not exist any more" in r.getMessage() and "restart statecast" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_a_store_failure_is_retried_without_loss(
+    db: Db, monkeypatch: pytest.MonkeyPatch, handoffs: list[SourceBatch]
+) -> None:
+    class FlakyStore(MemoryStore):
+        fail = 0
+
+        def submit_source(self, batch: Any, done: Any, position: Any) -> None:
+            if self.fail and batch:
+                self.fail -= 1
+                done(None, Unavailable("the store cannot be written (a test)"))
+                return
+            super().submit_source(batch, done, position)
+
+    store = FlakyStore(1_000_000)
+    shared_store(monkeypatch, store)
+    Writer.schema(db, 10)
+    with serving(db, tables="orders,counters") as server:
+        store.fail = 1
+        with Writer(db, 10) as writer:
+            writer.wait_commits(20)
+        wait_same(server, "orders", lambda: db.rows("orders", by_id))
+        wait_same(server, "counters", lambda: db.rows("counters", by_id))
+        assert server.engine.publishes_failed == 1
+        assert store.fail == 0
+
+
+# -- bad settings say what to fix ------------------------------------------------------------------
+
+
+def _start_fails(url: str, match: str, **settings: Any) -> None:
+    server = Server(store="memory", http_port=None, port=0, source=url, **settings)
+    with pytest.raises(ConfigError, match=match):
+        server.start_in_thread(TIMEOUT * 3)
+
+
+def test_bad_settings_say_what_to_fix(db: Db) -> None:
+    pg = db.pg
+    base = f"postgresql://postgres@{pg.host}:{pg.port}"
+    _start_fails(
+        f"postgresql://postgres@127.0.0.1:{free_port()}/x",
+        r"cannot connect to PostgreSQL at .*is PostgreSQL running",
+    )
+    _start_fails(f"{base}/no_such_db", r'database "no_such_db" does not exist.*create the database')
+    db.execute(
+        "CREATE ROLE plain LOGIN",
+        "CREATE TABLE keyless (a int)",
+        ORDERS,
+        "CREATE PUBLICATION other FOR TABLE orders",
+    )
+    _start_fails(
+        f"postgresql://plain@{pg.host}:{pg.port}/{db.name}",
+        r"the role 'plain' may not use replication.*ALTER ROLE \"plain\" REPLICATION",
+    )
+    _start_fails(db.url, r"there is no table 'nope'", tables="nope", slot=db.slot)
+    _start_fails(
+        db.url, r"keyless has no primary key.*ADD PRIMARY KEY", tables="keyless", slot=db.slot
+    )
+    _start_fails(
+        db.url, r"publication 'absent' does not exist.*--tables", publication="absent", slot=db.slot
+    )
+    db.execute("CREATE TABLE fills (id int PRIMARY KEY)")
+    _start_fails(
+        db.url,
+        r"public\.fills is not in the publication 'other'.*ALTER PUBLICATION",
+        publication="other",
+        tables="fills",
+        slot=db.slot,
+    )
+    assert db.query(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (db.slot,)
+    ) == [(0,)]
+
+
+def test_wal_level_must_be_logical() -> None:
+    with PgServer(settings={"wal_level": "replica"}) as own:
+        own.execute(ORDERS)
+        _start_fails(own.url, r"wal_level is 'replica'.*wal_level = logical", tables="orders")
+
+
+def test_source_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="PostgreSQL URL"):
+        Config(source="mysql://x")
+    with pytest.raises(ConfigError, match="needs a source"):
+        Config(tables="orders")
+    with pytest.raises(ConfigError, match="sqlite and memory"):
+        Config(source="postgresql://h/db", store="nats://127.0.0.1:4222")
+    with pytest.raises(ConfigError, match="slot must be"):
+        Config(source="postgresql://h/db", slot="Bad-Slot")
+    with pytest.raises(ConfigError, match="mysql://u:\\*\\*\\*@h/db"):
+        Config(source="mysql://u:secret@h/db")
+    with pytest.raises(ConfigError, match="password=\\*\\*\\*"):
+        Config(source="mysql://h/db?password=secret")
+
+
+@pytest.mark.skipif(_sqlite_positions(), reason="the SQLite store follows sources now")
+def test_a_store_without_positions_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    path = tmp_path / "statecast.db"
+    server = Server(
+        store=f"sqlite:{path}", http_port=None, port=0, source="postgresql://127.0.0.1:1/x"
+    )
+    with pytest.raises(ConfigError, match=r"cannot follow a PostgreSQL source yet.*memory"):
+        server.start_in_thread(TIMEOUT)
+    assert not path.exists()
+
+
+# -- the command line, and a kill -9 ----------------------------------------------------------
+
+
+def test_statecast_serve_follows_a_database(db: Db, tmp_path: Path) -> None:
+    db.execute(ORDERS, "INSERT INTO orders VALUES ('O-1', 'ACC-1', 100)")
+    proc = ServeProcess(
+        tmp_path,
+        *("--store", "memory", "--source", db.url, "--tables", "orders", "--slot", db.slot),
+    )
+    try:
+        with LineClient(proc.port) as client:
+            client.send({"op": "sync", "live": True})
+            frames = client.read_until("snapshot_end")
+            assert [f["key"] for f in frames if f["type"] == "record"] == ["O-1"]
+            db.execute("UPDATE orders SET qty = 1")
+            change = client.read()
+            assert change["type"] == "change"
+            assert change["value"]["qty"] == 1
+    finally:
+        code, output = proc.stop(signal.SIGTERM)
+    assert code == 0, output
+    assert "loaded 1 rows of 1 table(s)" in output
+    r = subprocess.run(
+        [
+            *(*CMD, "serve", "--port", "0", "--http-port", "off", "--store", "memory"),
+            *("--source", db.url, "--tables", "nope"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 3,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert r.returncode == 1
+    assert "there is no table 'nope'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@NEEDS_SQLITE_POSITIONS
+def test_kill9_resumes_from_the_slot_under_the_same_epoch(db: Db, tmp_path: Path) -> None:
+    Writer.schema(db, 10)
+    args = (
+        *("--store", f"sqlite:{tmp_path / 'desk.db'}", "--source", db.url),
+        *("--tables", "orders,counters", "--slot", db.slot),
+    )
+    proc = ServeProcess(tmp_path, *args)
+    try:
+        with Writer(db, 10) as writer:
+            writer.wait_commits(30)
+            with LineClient(proc.port) as client:
+                epoch = client.hello["epoch"]
+                seq = client.hello["seq"]
+            code, _ = proc.stop(signal.SIGKILL)
+            assert code == -signal.SIGKILL
+            writer.wait_commits(20)
+        last = writer.committed[-1]
+        proc = ServeProcess(tmp_path, *args)
+        with LineClient(proc.port) as client:
+            assert client.hello["epoch"] == epoch
+            answer = client.request({"op": "subscribe", "from": 0, "epoch": epoch})
+            assert answer["type"] == "subscribed", answer
+            counters: list[int] = []
+            deadline = time.monotonic() + TIMEOUT * 3
+            while not counters or counters[-1] < last:
+                assert time.monotonic() < deadline, counters[-5:]
+                frame = client.read()
+                if frame["type"] == "change" and frame["collection"] == "counters":
+                    counters.append(frame["value"]["n"])
+            # Every transaction once, in order, across the kill.
+            assert counters == list(range(counters[0], last + 1))
+            assert seq <= client.hello["seq"]
+    finally:
+        proc.stop(signal.SIGTERM)
+
+
+# -- the pieces, without PostgreSQL -------------------------------------------------------------
+
+
+def test_copy_fields_unescapes_the_text_format() -> None:
+    assert copy_fields(b"1\ta\n") == ["1", "a"]
+    assert copy_fields(b"1\t\\N\t\n") == ["1", None, ""]
+    assert copy_fields(b"x\\ty\\\\z\\nw\\r\t\\\\N\n") == ["x\ty\\z\nw\r", "\\N"]
+    assert copy_fields("ünï\t✓\n".encode()) == ["ünï", "✓"]
+
+
+def test_keys_of_each_shape() -> None:
+    single = Shape("t", "the table t", [("id", Oid.INT4), ("v", Oid.TEXT)], ["id"])
+    assert single.upsert(["42", "x"]) == ("t", "42", b'"42"', b'{"id":42,"v":"x"}')
+    text = Shape("t", "the table t", [("id", Oid.TEXT)], ["id"])
+    assert text.key(['say "hi"']) == 'say "hi"'
+    composite = Shape(
+        "t", "the table t", [("a", Oid.TEXT), ("b", Oid.INT8), ("c", Oid.BOOL)], ["b", "a"]
+    )
+    assert composite.key(["x,y", "7", "t"]) == '[7,"x,y"]'
+    stamp = Shape("t", "the table t", [("at", Oid.TIMESTAMPTZ)], ["at"])
+    assert stamp.key(["2024-01-02 03:04:05+00"]) == "2024-01-02T03:04:05+00:00"
+    with pytest.raises(RowError, match="primary key of 0 characters"):
+        text.key([""])
+    with pytest.raises(RowError, match="primary key of 1025 characters"):
+        text.key(["k" * 1025])
+    deep = Shape("t", "the table t", [("id", Oid.INT4), ("j", Oid.JSONB)], ["id"])
+    with pytest.raises(RowError, match="nested deeper than 64"):
+        deep.upsert(["1", "[" * 70 + "]" * 70])
+    assert (deep.upsert(["1", "[" * 60 + "]" * 60])[3] or b"").count(b"[") == 60
+    with pytest.raises(ValueError, match="key column"):
+        Shape("t", "the table t", [("a", Oid.INT4)], ["b"])
+
+
+def test_resolve_patches_and_truncates_against_the_state() -> None:
+    shape = Shape(
+        "docs", "the table docs", [("id", Oid.INT4), ("t", Oid.TEXT), ("b", Oid.TEXT)], ["id"]
+    )
+    state = State()
+    state.apply(
+        [
+            shape.upsert(["1", "v1", "body1"]),
+            shape.upsert(["2", "v1", "body2"]),
+            ("other", "k", b'"k"', b"1"),
+        ]
+    )
+    ops: list[Op] = [
+        Patch(shape, "1", {"id": 1, "t": "v2"}),
+        shape.upsert(["3", "v1", "body3"]),
+        Patch(shape, "3", {"id": 3, "t": "v2"}),
+        Patch(shape, "20", {"id": 20, "t": "moved"}, old_key="2"),
+    ]
+    assert resolve(ops, state) == [
+        ("docs", "1", b'"1"', b'{"id":1,"t":"v2","b":"body1"}'),
+        ("docs", "3", b'"3"', b'{"id":3,"t":"v1","b":"body3"}'),
+        ("docs", "3", b'"3"', b'{"id":3,"t":"v2","b":"body3"}'),
+        ("docs", "2", b'"2"', None),
+        ("docs", "20", b'"20"', b'{"id":20,"t":"moved","b":"body2"}'),
+    ]
+    ops = [
+        shape.upsert(["4", "v", "b"]),
+        shape.delete(["1", None, None]),
+        Truncate("docs", "the table docs"),
+        shape.upsert(["5", "v", "b"]),
+    ]
+    out = resolve(ops, state)
+    assert [(c[1], c[3] is None) for c in out] == [
+        ("4", False),
+        ("1", True),
+        ("2", True),
+        ("4", True),
+        ("5", False),
+    ]
+
+
+def test_the_applier_waits_for_earlier_batches_before_reading_the_state() -> None:
+    """A batch that needs the state is resolved only once the batches before it are
+    installed (a durable store commits later than it is asked to)."""
+    from concurrent.futures import Future  # noqa: PLC0415
+
+    from statecast.core.engine import Engine  # noqa: PLC0415
+
+    class Held(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__(1000)
+            self.held: list[Callable[[], None]] = []
+
+        def submit_source(self, batch: Any, done: Any, position: Any) -> None:
+            self.held.append(lambda: MemoryStore.submit_source(self, batch, done, position))
+
+    store = Held()
+    engine = Engine(store)
+    applier = Applier(engine)
+    shape = Shape("docs", "the table docs", [("id", Oid.INT4), ("b", Oid.TEXT)], ["id"])
+    first: Future[int] = Future()
+    second: Future[int] = Future()
+    applier.take(
+        [
+            (SourceBatch([shape.upsert(["1", "body"])], position=("p", "1")), first),
+            (SourceBatch(position=("p", "2"), ops=[Patch(shape, "1", {"id": 1})]), second),
+        ]
+    )
+    assert len(store.held) == 1  # the second waits
+    store.held.pop()()
+    assert first.result(0) == 1
+    assert len(store.held) == 1
+    store.held.pop()()
+    assert second.result(0) == 2
+    assert store.state.get("docs", "1") is not None
+    assert store.positions == {"p": "2"}
+    assert [r.value_json() for r in store.log.read(0, 10)] == [b'{"id":1,"b":"body"}'] * 2
+
+
+def test_the_fast_row_decoder_agrees_with_pgoutput() -> None:
+    messages = read_capture(DATA_DIR / BIN_NAME)
+    rows = [m.payload for m in messages if m.payload[:1] in (b"I", b"U", b"D")]
+    assert len(rows) > 10
+    for payload in rows:
+        message = pgoutput.decode(payload)
+        rel, old_kind, old, new, unchanged = _row_message(payload)
+        assert isinstance(message, pgoutput.Insert | pgoutput.Update | pgoutput.Delete)
+        assert rel == message.relation_id
+        if isinstance(message, pgoutput.Delete):
+            assert (chr(old_kind or 0), old) == (message.old_kind, list(message.old))
+        else:
+            assert new == list(message.new)
+            assert unchanged == (pgoutput.UNCHANGED in message.new)
+        if isinstance(message, pgoutput.Update) and message.old is not None:
+            assert old == list(message.old)
+    with pytest.raises(pgoutput.PgOutputError):
+        _row_message(rows[0][:-3])
+    with pytest.raises(pgoutput.PgOutputError):
+        _row_message(rows[0] + b"x")
