@@ -99,7 +99,26 @@ _PLAIN_LINE: Final = bytes(b for b in range(0x21, 0x80) if b != 0x5C)
 # What may be a number no client can read (beyond a double: 1e400; an integer of
 # thousands of digits): a three-digit exponent or a long run of digits, also inside a
 # string (then the real check, a decode, clears it).
-_BIG_NUMBER: Final = re.compile(rb"[eE][+-]?[0-9]{3}|[0-9]{309}")
+_TO_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
+_BIG_PATTERNS: Final = (
+    b"e000",
+    b"E000",
+    b"e+000",
+    b"e-000",
+    b"E+000",
+    b"E-000",
+    b"0" * 309,
+)
+
+
+def _may_hold_big_number(data: bytes) -> bool:
+    """A three-digit exponent or 309 digits in a row somewhere in ``data`` (digits
+    mapped to 0, then a few substring searches: C speed, unlike a regular expression,
+    which costs milliseconds on a 200 KB request line)."""
+    zeros = data.translate(_TO_ZERO)
+    return any(p in zeros for p in _BIG_PATTERNS)
+
+
 _RANGE_REASON: Final = (
     "a number out of range (JSON numbers must fit a 64-bit float, integers 4,300 digits)"
 )
@@ -110,7 +129,7 @@ def plain_line(line: bytes) -> bool:
     huge numbers: then every value in it is canonical as soon as it is
     :func:`shallow` (one pass over the line instead of one per value, on the ingest
     hot path)."""
-    return not line.translate(None, _PLAIN_LINE) and _BIG_NUMBER.search(line) is None
+    return not line.translate(None, _PLAIN_LINE) and not _may_hold_big_number(line)
 
 
 def _numbers_in_range(raw: bytes) -> None:
@@ -138,11 +157,11 @@ def canonical_value(raw: bytes) -> bytes:
     """
     rest = raw.translate(None, _PLAIN)
     if len(rest) <= MAX_DEPTH and not rest.strip(b"[{") and raw:
-        if _BIG_NUMBER.search(raw) is not None:
+        if _may_hold_big_number(raw):
             _numbers_in_range(raw)
         return raw  # compact printable ASCII, no escapes, at most MAX_DEPTH brackets
     out = _canonical_slow(raw, rest)
-    if _BIG_NUMBER.search(out) is not None:
+    if _may_hold_big_number(out):
         _numbers_in_range(out)
     return out
 
