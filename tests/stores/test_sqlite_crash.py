@@ -22,10 +22,11 @@ from tests.helpers import LineClient, ServeProcess, wait_for
 class Publisher(threading.Thread):
     """Publishes batches of three changes until the server goes away; records acks."""
 
-    def __init__(self, port: int, name: str) -> None:
+    def __init__(self, port: int, name: str, pause: float = 0.0) -> None:
         super().__init__(daemon=True)
         self.port = port
         self.tag = name
+        self.pause = pause  # seconds between an ack and the next publish
         self.acked: list[int] = []  # batch numbers acknowledged
         self.sent = 0
 
@@ -51,6 +52,8 @@ class Publisher(threading.Thread):
                 assert reply["type"] == "ack", reply
                 assert reply["id"] == k
                 self.acked.append(k)
+                if self.pause:
+                    time.sleep(self.pause)
 
 
 class Replica:

@@ -293,9 +293,11 @@ def test_bad_values_are_repaired_or_dropped_and_resume_stays_exact(
         "migrated" in r.getMessage() and "version 2" in r.getMessage() for r in caplog.records
     )
 
-    # Version 2 now; a second open finds nothing to do and changes nothing.
+    # The newest version now (3: log-first, docs/durability.md); a second open finds
+    # nothing to do and changes nothing.
     records, changes, meta = dump(path)
-    assert meta["schema_version"] == "2"
+    assert meta["schema_version"] == "3"
+    assert meta["folded_seq"] == "21"
     assert meta["seq"] == "21"
     assert meta["epoch"] == EPOCH
     caplog.clear()
@@ -398,7 +400,11 @@ def test_a_clean_database_is_left_as_it_was(
     records, changes, meta = dump(path)
     with serving(path) as srv:
         assert srv.seq == 600
-    assert dump(path) == (records, changes, {**meta, "schema_version": "2"})
+    assert dump(path) == (
+        records,
+        changes,
+        {**meta, "schema_version": "3", "folded_seq": "600"},
+    )
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("nothing to repair" in r.getMessage() for r in caplog.records)
 

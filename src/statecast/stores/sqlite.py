@@ -8,16 +8,33 @@ back to the loop thread, which installs them in the in-memory state and acks. So
 take back. Reads never touch the database: the state and the change log are kept in
 memory, loaded once at start.
 
-Schema (version 2; version 1 had the same tables, but values as sent, see MIGRATIONS)::
+**Log first.** The acknowledged commit writes only the change log: one ``changes``
+row holding the whole group, and the new ``seq``. The ``records`` table (the state
+on disk) is brought up to date later, by the *fold*: the same writer thread, between
+commits and when it does not compete with publishers (_FOLD_EAGER), applies the
+committed changes after ``folded_seq`` to ``records`` in transactions of its own,
+each moving ``folded_seq`` with the rows it writes (so the two always agree, whenever
+the process dies). The fold's commits
+skip their own fsync: the next acknowledged commit's fsync covers them, and one lost
+to a power cut is only done again. Trimming never deletes a log row that is not
+folded yet, and a start loads ``records`` (the state at ``folded_seq``) and replays
+the log rows after it, which are then folded in the background.
 
-    statecast_meta(key PRIMARY KEY, value)   format, schema_version, epoch, seq, ...
-    records(collection, key, seq, line)      the state: one row per live record
-    changes(first_seq PRIMARY KEY, last_seq, body)   the retained log, one row per commit
+Schema (version 3; see MIGRATIONS for what versions 1 and 2 lacked)::
+
+    statecast_meta(key PRIMARY KEY, value)   format, schema_version, epoch, seq,
+                                             folded_seq, ...
+    records(collection, key, seq, line)      the state at folded_seq: one row per live record
+    changes(first_seq PRIMARY KEY, last_seq, body)   the log, one row per commit: every
+                                             change after folded_seq, and the retained ones
 
 ``line`` is the encoded frame (§4.1 ``record`` for upserts, §4.2 ``change`` for
 deletes), so loading needs no JSON work at all. A ``changes`` row holds every change
-of one group commit, as a msgpack array of ``[collection, key, deleted, line]`` in seq
-order: one row written per commit instead of one per change.
+of one group commit: their lines, in seq order, one after the other (one row written
+per commit instead of one per change, and nothing to encode but a join). Reading it
+back decodes only the head of each line (type, seq, collection, key). Versions 1 and
+2 wrote a msgpack array of ``[collection, key, deleted, line]`` instead; such rows
+are read as they are (:func:`_lines_of`) until they are trimmed.
 """
 
 from __future__ import annotations
@@ -25,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -50,7 +68,7 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 log = logging.getLogger("statecast.stores.sqlite")
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 FORMAT: Final = "statecast"
 
 _SCHEMA: Final = """
@@ -75,14 +93,56 @@ _UPSERT: Final = (
 )
 _DELETE: Final = "DELETE FROM records WHERE collection=? AND key=?"
 _LOG: Final = "INSERT INTO changes (first_seq, last_seq, body) VALUES (?, ?, ?)"
+# Log rows of versions 1 and 2 (and of the migration to version 2).
 _encode_segment = msgspec.msgpack.Encoder().encode
 _decode_segment = msgspec.msgpack.Decoder(list[tuple[str, str, bool, bytes]]).decode
+
+
+class _Head(msgspec.Struct):
+    """The head of a logged frame line (the decoder skips the value unread)."""
+
+    type: str
+    seq: int
+    collection: str
+    key: str
+
+
+_decode_head = msgspec.json.Decoder(_Head).decode
 
 # How many changes one group commit takes at most, and how many commit segments one
 # trim transaction deletes at most (so that trimming never holds up commits for long).
 _MAX_GROUP = 50_000
-_WAL_BACKSTOP = 4000  # pages
 _TRIM_STEP = 200
+# Checkpoints (copying the WAL into the database file) wait while publishers keep the
+# writer busy (a commit in the last _BUSY seconds): they would compete with the
+# commits for the disk and the CPU. A burst is checkpointed after it, unless the WAL
+# grows past _WAL_DEFER bytes first. The writer checkpoints in its own commits only
+# past _WAL_BACKSTOP pages (4 KiB), if the checkpoint thread falls that far behind.
+_BUSY = 0.1
+_WAL_DEFER = 512 << 20
+_WAL_BACKSTOP = (1 << 30) // 4096
+# The fold: changes folded into the records table per transaction (a batch that
+# arrives meanwhile waits for at most one of them, a few milliseconds), and how far
+# the fold may fall behind the log before commits wait for it: past this, the writer
+# folds as much as it commits (publishers then go at the fold's pace), which bounds
+# the log rows kept for it on disk and the replay at start.
+_FOLD_CHUNK = 1000
+_MAX_UNFOLDED = 1_000_000
+_FOLD_SYNCHRONOUS: Final = "NORMAL"  # see _fold
+# When the fold runs, between commits. A fold transaction costs the writer a few
+# milliseconds, and the process CPU time, so it runs when it does not compete with
+# publishers: at once whenever no batch is queued while it is less than _FOLD_EAGER
+# changes behind (a light load keeps the records table current); further behind (a
+# burst), once no batch has come for _FOLD_IDLE seconds, and then until one comes; and
+# while batches keep coming without a pause, one chunk every _FOLD_EVERY seconds (so
+# that such a load is folded too, 5,000 changes a second at least).
+_FOLD_EAGER = 10_000
+_FOLD_IDLE = 0.005
+_FOLD_EVERY = 0.2
+_FOLD_RETRY = 0.5  # seconds before a fold that failed (locked, disk full) is tried again
+# For tests only: seconds each fold transaction waits before its commit, so that a
+# fold can be seen running and killed in the middle (tests/stores/test_sqlite_fold.py).
+_FOLD_DELAY_ENV: Final = "STATECAST_TEST_FOLD_DELAY"
 
 
 # -- migrations -------------------------------------------------------------------------
@@ -146,6 +206,88 @@ def _upsert_line(seq: int, c: bytes, key_json: bytes, line: bytes) -> bytes:
 
 
 _Change = tuple[str, str, bool, bytes]  # collection, key, deleted, line: one logged change
+
+
+def _lines_of(first: int, last: int, body: bytes) -> list[bytes]:
+    """The frame lines of one ``changes`` row (seqs ``first``-``last``), in seq order.
+    Raises ValueError when the row cannot be read."""
+    if body[:1] != b"{":  # a msgpack array: written by version 1 or 2
+        try:
+            lines = [item[3] for item in _decode_segment(body)]
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"the log row of seqs {first}-{last} cannot be read: {exc}") from None
+    else:
+        # Canonical JSON holds no raw CR or LF: each line ends at its LF.
+        if body[-1:] != b"\n" or b"\r" in body:
+            raise ValueError(f"the log row of seqs {first}-{last} is not frame lines")
+        lines = body.splitlines(keepends=True)
+    if len(lines) != last - first + 1:
+        raise ValueError(f"the log row of seqs {first}-{last} holds {len(lines)} changes")
+    return lines
+
+
+def _head(seq: int, line: bytes) -> _Head:
+    """The head of the frame line of change ``seq``; ValueError if it is not that."""
+    try:
+        head = _decode_head(line)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"change {seq} of the log cannot be read: {exc}") from None
+    if head.seq != seq:
+        raise ValueError(f"the log holds change {head.seq} in the place of change {seq}")
+    return head
+
+
+def _changes_of(first: int, last: int, body: bytes) -> list[_Change]:
+    """The changes of one ``changes`` row, in seq order; ValueError if it cannot be read."""
+    out: list[_Change] = []
+    for seq, line in enumerate(_lines_of(first, last, body), first):
+        head = _head(seq, line)
+        out.append((head.collection, head.key, head.type == "change", line))
+    return out
+
+
+class _LogLoad:
+    """The log rows read at start (SQLiteStore._load): from seq ``read_from`` on, the
+    changes the log keeps (seq ``start`` or later) and those to replay (after
+    ``folded``)."""
+
+    def __init__(self, by_seq: dict[int, Record], read_from: int, start: int, folded: int) -> None:
+        self.by_seq = by_seq  # the records of the records table retained in the log
+        self.read_from = read_from
+        self.start = start
+        self.folded = folded
+        self.latest: dict[tuple[str, str], Record] = {}  # the last retained change of a key
+        self.names: dict[str, str] = {}  # one str per collection name
+
+    def row(self, first: int, last: int, body: bytes) -> tuple[list[Record], list[Record]]:
+        """The changes of one log row: (for the log, to replay).
+
+        A change that the records table holds shares its object (found by its seq,
+        nothing to decode). A folded change knows the version it replaced when that
+        version is retained too (else UNSET, Record.before); a replayed one learns it
+        when it is installed."""
+        by_seq, latest, names = self.by_seq, self.latest, self.names
+        start, folded = self.start, self.folded
+        logged: list[Record] = []
+        tail: list[Record] = []
+        s = max(first, self.read_from)
+        for line in _lines_of(first, last, body)[s - first :]:
+            rec = by_seq.get(s) if s <= folded else None
+            if rec is None:
+                head = _head(s, line)
+                name = names.setdefault(head.collection, head.collection)
+                rec = Record(s, name, head.key, line, head.type == "change")
+            if s > folded:  # not in the records table yet: replayed
+                tail.append(rec)
+                if s >= start:
+                    logged.append(rec)
+            else:
+                key = (rec.collection, rec.key)
+                rec.before = latest.get(key, UNSET)
+                latest[key] = rec
+                logged.append(rec)
+            s += 1
+        return logged, tail
 
 
 def _segment(first: int, last: int, body: bytes) -> tuple[list[_Change], dict[int, str]]:
@@ -397,10 +539,20 @@ class _CanonicalValues:
         )
 
 
+def _folded_seq(conn: sqlite3.Connection) -> None:
+    """Migration 2 -> 3: log first. Version 2 updated the records table in the commit
+    of every batch, so its records hold every change: ``folded_seq`` is ``seq``."""
+    conn.execute(
+        "INSERT INTO statecast_meta (key, value) "
+        "SELECT 'folded_seq', value FROM statecast_meta WHERE key='seq'"
+    )
+
+
 # Migrations from version N to N + 1, run in order inside one transaction when an
 # older database is opened.
 MIGRATIONS: Final[dict[int, Callable[[sqlite3.Connection], None]]] = {
     1: lambda conn: _CanonicalValues(conn)(),
+    2: _folded_seq,
 }
 
 
@@ -414,6 +566,10 @@ class _Batch:
 
 
 _Job = _Batch | Callable[[], None] | None  # a batch, a flush marker, or stop
+
+
+class _Damaged(Exception):
+    """The database does not hold what it should (the fold cannot go on)."""
 
 
 class SQLiteStore:
@@ -439,9 +595,19 @@ class SQLiteStore:
         self._lock_fd: int | None = None
         self._to_loop: ToLoop | None = None
         self._committed = 0  # the seq of the last committed change
+        self._folded = 0  # the seq of the last change folded into the records table
         self._oldest_change = 1  # the oldest seq still in the changes table
         self._healthy = True
         self.commits = 0  # transactions committed (group commits)
+        self.folds = 0  # fold transactions committed
+        self.replayed = 0  # changes replayed from the log at start (not folded then)
+        # The fold: the last log row it decoded (first seq, changes), when it stopped
+        # in the middle of it; when it may try again after a failure.
+        self._fold_row: tuple[int, list[_Change]] | None = None
+        self._fold_retry_at = 0.0
+        self._fold_at = 0.0  # when the last fold transaction ended
+        self._commit_at = 0.0  # when the last acknowledged commit ended
+        self._fold_delay = float(os.environ.get(_FOLD_DELAY_ENV) or 0)
         self._checkpointer: threading.Thread | None = None
         self._stop_checkpoints = threading.Event()
 
@@ -463,20 +629,23 @@ class SQLiteStore:
             self._release_lock()
             raise
         self._conn = conn
+        log.info(
+            "loaded %s: %d records, seq %d, %d changes retained, %d replayed from the log "
+            "(folded up to seq %d), in %.2fs",
+            self.path,
+            len(self.state),
+            self.state.seq,
+            len(self.log),
+            self.replayed,
+            self._folded,
+            time.monotonic() - t0,
+        )
         self._thread = threading.Thread(target=self._run, name="statecast-sqlite", daemon=True)
         self._thread.start()
         self._checkpointer = threading.Thread(
             target=self._checkpoints, name="statecast-sqlite-checkpoint", daemon=True
         )
         self._checkpointer.start()
-        log.info(
-            "loaded %s: %d records, seq %d, %d changes retained, in %.2fs",
-            self.path,
-            len(self.state),
-            self.state.seq,
-            len(self.log),
-            time.monotonic() - t0,
-        )
 
     def _take_lock(self) -> None:
         """One server per database: an exclusive flock on the file, for our lifetime.
@@ -572,11 +741,16 @@ class SQLiteStore:
 
     def _pragmas(self, conn: sqlite3.Connection) -> None:
         """The per-connection settings, for the first connection and every reconnect."""
-        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        self._commit_mode(conn)
         conn.execute("PRAGMA journal_size_limit=67108864")
         # Checkpoints run in a thread of their own (_checkpoints), not in commits;
-        # the writer checkpoints only if that thread falls far behind (16 MB).
+        # the writer checkpoints only if that thread falls far behind (1 GiB).
         conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_BACKSTOP}")
+
+    def _commit_mode(self, conn: sqlite3.Connection) -> None:
+        """The settings of acknowledged commits (the fold changes them for its own)."""
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
 
     def _create(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
@@ -590,6 +764,7 @@ class SQLiteStore:
                 ("schema_version", str(SCHEMA_VERSION)),
                 ("epoch", new_epoch()),
                 ("seq", "0"),
+                ("folded_seq", "0"),
                 ("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
                 ("created_by", f"statecast {__version__}"),
             ],
@@ -605,6 +780,7 @@ class SQLiteStore:
         )
         if version == SCHEMA_VERSION:
             return
+        start = version
         conn.execute("BEGIN IMMEDIATE")
         try:
             while version < SCHEMA_VERSION:
@@ -617,49 +793,48 @@ class SQLiteStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        log.info("migrated %s to format version %d", self.path, version)
+        for step in range(start + 1, version + 1):  # (all in the one transaction)
+            log.info("migrated %s to format version %d", self.path, step)
 
     def _load(self, conn: sqlite3.Connection) -> None:
+        """The state as of ``folded_seq`` from the records table, then the log rows
+        after it replayed on top of it; the retained log from the log rows."""
         meta = dict(conn.execute("SELECT key, value FROM statecast_meta").fetchall())
         self.epoch = meta["epoch"]
         seq = int(meta["seq"])
-        first = max(1, seq - self.retain + 1)
+        folded = int(meta["folded_seq"])
         row = conn.execute("SELECT min(first_seq) FROM changes").fetchone()
         self._oldest_change = row[0] if row[0] is not None else seq + 1
-        start = max(first, self._oldest_change)
-        # The records, in primary key order (so by collection); the retained ones
-        # indexed by seq, so that the log can share their objects.
-        by_seq: dict[int, Record] = {}
-        records: list[Record] = []
-        for c, k, s, line in conn.execute("SELECT collection, key, seq, line FROM records"):
-            rec = Record(s, c, k, line, False)
-            records.append(rec)
-            if s >= start:
-                by_seq[s] = rec
-        self.state.load(records, seq)
-        del records
+        if not 0 <= folded <= seq or self._oldest_change > folded + 1:
+            raise StoreError(
+                f"{self.path} is damaged: its records are folded up to seq {folded}, its "
+                f"log starts at seq {self._oldest_change}, its state is at seq {seq}"
+            )
+        # The in-memory log holds the changes from `start` on.
+        start = max(seq - self.retain + 1, self._oldest_change, 1)
+        by_seq = self._load_records(conn, start, folded)
+        state = self.state
         changelog = ChangeLog(self.retain, last_seq=start - 1)
         # Each retained change learns the version it replaced when that version is
         # retained too; the first change of a key in the log cannot (Record.before).
-        latest: dict[tuple[str, str], Record] = {}
-        for first_seq, body in conn.execute(
-            "SELECT first_seq, body FROM changes WHERE last_seq >= ? ORDER BY first_seq",
-            (start,),
+        # The changes after `folded` are installed in the state as a publish installs
+        # them, which tells each the version it replaced, whether retained or not.
+        read_from = min(start, folded + 1)
+        rows = _LogLoad(by_seq, read_from, start, folded)
+        replayed = 0
+        for first_seq, last_seq, body in conn.execute(
+            "SELECT first_seq, last_seq, body FROM changes WHERE last_seq >= ? ORDER BY first_seq",
+            (read_from,),
         ):
-            recs: list[Record] = []
-            s = first_seq - 1
-            for c, k, deleted, line in _decode_segment(body):
-                s += 1
-                if s < start:
-                    continue
-                # A retained upsert that is still the current record shares its object.
-                current = by_seq.get(s)
-                rec = current if current is not None else Record(s, c, k, line, deleted)
-                rec.before = latest.get((c, k), UNSET)
-                latest[(c, k)] = rec
-                recs.append(rec)
-            self._extend_log(changelog, recs)
-        if changelog.last_seq != seq:
+            try:
+                logged, tail = rows.row(first_seq, last_seq, body)
+            except ValueError as exc:
+                raise StoreError(f"{self.path} is damaged: {exc}") from None
+            if tail:
+                self._replay(tail, start)
+                replayed += len(tail)
+            self._extend_log(changelog, logged)
+        if changelog.last_seq != seq or state.seq != seq:
             raise StoreError(
                 f"{self.path} is damaged: its change log ends at seq {changelog.last_seq}, "
                 f"its state at seq {seq}"
@@ -667,6 +842,39 @@ class SQLiteStore:
         changelog.unknown_until = seq
         self.log = changelog
         self._committed = seq
+        self._folded = folded
+        self.replayed = replayed
+
+    def _load_records(self, conn: sqlite3.Connection, start: int, folded: int) -> dict[int, Record]:
+        """Load the records table into the state (at seq ``folded``); the records of
+        seq ``start`` or later, by seq, so that the log can share their objects.
+
+        One collection at a time, in key order (State.load): the records of a
+        collection share one ``str`` for its name, and the rows are read without it."""
+        records: list[Record] = []
+        name = conn.execute("SELECT min(collection) FROM records").fetchone()[0]
+        while name is not None:
+            rows = conn.execute(
+                "SELECT key, seq, line FROM records WHERE collection = ? ORDER BY key", (name,)
+            )
+            records += [Record(s, name, k, line, False) for k, s, line in rows]
+            name = conn.execute(
+                "SELECT min(collection) FROM records WHERE collection > ?", (name,)
+            ).fetchone()[0]
+        by_seq = {rec.seq: rec for rec in records if rec.seq >= start}
+        self.state.load(records, folded)
+        return by_seq
+
+    def _replay(self, tail: list[Record], start: int) -> None:
+        """Install changes of the log that the records table does not hold yet."""
+        try:
+            self.state.install(tail)
+        except ValueError as exc:
+            raise StoreError(f"{self.path} is damaged: {exc}") from None
+        for rec in tail:
+            if rec.seq >= start:
+                break
+            rec.before = UNSET  # not retained: keeps no older version alive
 
     def _extend_log(self, changelog: ChangeLog, recs: list[Record]) -> None:
         try:
@@ -703,11 +911,18 @@ class SQLiteStore:
 
         A PASSIVE checkpoint never blocks the writer; doing it here instead of inside
         a commit (SQLite's default) keeps its reads, writes and fsync off the path of
-        publishes. Errors are left for the next attempt (and the writer reports a
-        database that cannot be written).
+        publishes; and it waits for a pause of the commits, up to _WAL_DEFER of WAL.
+        Errors are left for the next attempt (and the writer reports a database that
+        cannot be written).
         """
         conn: sqlite3.Connection | None = None
+        wal = f"{self.path}-wal"
         while not self._stop_checkpoints.wait(0.2):
+            try:
+                if time.monotonic() - self._commit_at < _BUSY and os.path.getsize(wal) < _WAL_DEFER:
+                    continue
+            except OSError:
+                pass  # no WAL file (yet): nothing to copy, or let SQLite say what is wrong
             try:
                 if conn is None:
                     conn = sqlite3.connect(self.path, timeout=0, isolation_level=None)
@@ -725,7 +940,7 @@ class SQLiteStore:
         q = self._queue
         stop = False
         while not stop:
-            jobs: list[_Job] = [q.get()]
+            jobs: list[_Job] = [self._next_job()]
             changes = 0
             with contextlib.suppress(queue.Empty):
                 while changes < _MAX_GROUP:
@@ -747,7 +962,42 @@ class SQLiteStore:
                 self._post(job)
             self._commit(group)
             if not stop:
+                # Past the bound, the fold keeps pace with the commits.
+                while (
+                    self._committed - self._folded > _MAX_UNFOLDED
+                    and time.monotonic() >= self._fold_retry_at
+                    and self._fold()
+                ):
+                    pass
                 self._trim()
+
+    def _next_job(self) -> _Job:
+        """The next job. Meanwhile the fold goes on, a chunk at a time (see
+        _FOLD_EAGER): while no job is queued, or once none has come for _FOLD_IDLE
+        when the fold is far behind; and one chunk first whenever the last is
+        _FOLD_EVERY old."""
+        q = self._queue
+        idle = False
+        while self._folded < self._committed:
+            now = time.monotonic()
+            wait = self._fold_retry_at - now
+            if wait > 0:  # the last fold failed: commits only, until it may try again
+                if wait == math.inf:
+                    break
+                try:
+                    return q.get(timeout=wait)
+                except queue.Empty:
+                    continue
+            if now - self._fold_at < _FOLD_EVERY:
+                try:
+                    if idle or self._committed - self._folded < _FOLD_EAGER:
+                        return q.get_nowait()
+                    return q.get(timeout=_FOLD_IDLE)
+                except queue.Empty:
+                    idle = True
+            if self._fold():
+                self._trim()
+        return q.get()
 
     def _post(self, fn: Callable[[], None]) -> None:
         assert self._to_loop is not None
@@ -760,26 +1010,18 @@ class SQLiteStore:
         if not group:
             return
         seq = self._committed
-        segment: list[tuple[str, str, bool, bytes]] = []
-        last: dict[tuple[str, str], Record] = {}  # the last change to each key wins
+        lines: list[bytes] = []
         for job in group:
             job.records = encode_batch(job.batch, seq + 1)
             seq += len(job.records)
-            for r in job.records:
-                segment.append((r.collection, r.key, r.deleted, r.line))
-                last[(r.collection, r.key)] = r
+            lines += [r.line for r in job.records]
         try:
             conn = self._connection()
+            # The log only: the records table is brought up to date by the fold.
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(
-                    _UPSERT,
-                    [(r.collection, r.key, r.seq, r.line) for r in last.values() if not r.deleted],
-                )
-                conn.executemany(
-                    _DELETE, [(r.collection, r.key) for r in last.values() if r.deleted]
-                )
-                conn.execute(_LOG, (self._committed + 1, seq, _encode_segment(segment)))
+                if lines:  # (a batch is never empty: this is only a guard)
+                    conn.execute(_LOG, (self._committed + 1, seq, b"".join(lines)))
                 conn.execute("UPDATE statecast_meta SET value=? WHERE key='seq'", (str(seq),))
                 conn.execute("COMMIT")
             except BaseException:
@@ -801,6 +1043,7 @@ class SQLiteStore:
             return
         self._committed = seq
         self.commits += 1
+        self._commit_at = time.monotonic()
         if not self._healthy:
             self._healthy = True
             log.warning("%s can be written again: publishes are accepted", self.path)
@@ -847,10 +1090,117 @@ class SQLiteStore:
             self._conn = conn
         return self._conn
 
+    # -- the fold --------------------------------------------------------------------
+    def _fold(self) -> bool:
+        """Fold the next committed changes (at most ``_FOLD_CHUNK``) into the records
+        table, in a transaction of their own that moves ``folded_seq`` with them.
+
+        Its commit does not wait for an fsync (``synchronous=NORMAL``): the next
+        acknowledged commit's fsync covers it, and a fold lost to a power cut is only
+        done again, from the log rows it left in place. Nor does it wait for a lock:
+        when the database cannot be written, it is tried again later (_FOLD_RETRY), and
+        the commits report the fault. False when it failed.
+        """
+        first = self._folded + 1
+        last = min(self._committed, self._folded + _FOLD_CHUNK)
+        try:
+            return self._fold_changes(first, last)
+        finally:
+            self._fold_at = time.monotonic()
+
+    def _fold_changes(self, first: int, last: int) -> bool:
+        try:
+            conn = self._connection()
+            latest: dict[tuple[str, str], tuple[int, bool, bytes]] = {}
+            for row_first, items in self._log_rows(conn, first, last):
+                s = max(first, row_first)
+                for c, k, deleted, line in items[s - row_first : last + 1 - row_first]:
+                    latest[(c, k)] = (s, deleted, line)
+                    s += 1
+            upserts = [(c, k, s, line) for (c, k), (s, d, line) in latest.items() if not d]
+            deletes = [key for key, (_, d, _) in latest.items() if d]
+            log.debug("folding changes %d-%d into the records table", first, last)
+            conn.execute(f"PRAGMA synchronous={_FOLD_SYNCHRONOUS}")
+            conn.execute("PRAGMA busy_timeout=0")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(_UPSERT, upserts)
+                    conn.executemany(_DELETE, deletes)
+                    conn.execute(
+                        "UPDATE statecast_meta SET value=? WHERE key='folded_seq'", (str(last),)
+                    )
+                    if self._fold_delay:
+                        time.sleep(self._fold_delay)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+            finally:
+                self._commit_mode(conn)
+        except sqlite3.Error as exc:
+            log.debug("folding changes %d-%d of %s failed: %s", first, last, self.path, exc)
+            self._drop_connection()
+            self._fold_row = None
+            self._fold_retry_at = time.monotonic() + _FOLD_RETRY
+            return False
+        except Exception as exc:  # a bug, or a damaged log: no more folds in this process
+            if not isinstance(exc, _Damaged):
+                log.exception("internal error while folding %s", self.path)
+                self._drop_connection()
+            log.error(
+                "cannot fold changes %d-%d of %s into its records table: %s; the log keeps "
+                "them (the state served and the next start are not affected)",
+                first,
+                last,
+                self.path,
+                exc,
+            )
+            self._fold_row = None
+            self._fold_retry_at = math.inf  # not in this process's life
+            return False
+        self._folded = last
+        self.folds += 1
+        return True
+
+    def _log_rows(
+        self, conn: sqlite3.Connection, first: int, last: int
+    ) -> list[tuple[int, list[_Change]]]:
+        """The log rows holding the changes ``first``-``last``, decoded: (first seq,
+        changes). The last one is kept for the next call when it goes on past ``last``
+        (a group commit may hold up to _MAX_GROUP changes)."""
+        rows: list[tuple[int, list[_Change]]] = []
+        cached = self._fold_row
+        if cached is not None and cached[0] <= first < cached[0] + len(cached[1]):
+            rows.append(cached)
+            first = cached[0] + len(cached[1])
+        if first <= last:
+            expect = first
+            for row_first, row_last, body in conn.execute(
+                "SELECT first_seq, last_seq, body FROM changes WHERE first_seq >= "
+                "(SELECT max(first_seq) FROM changes WHERE first_seq <= ?) AND first_seq <= ? "
+                "ORDER BY first_seq",
+                (first, last),
+            ).fetchall():
+                if not row_first <= expect <= row_last:
+                    break
+                try:
+                    items = _changes_of(row_first, row_last, body)
+                except ValueError as exc:
+                    raise _Damaged(str(exc)) from None
+                rows.append((row_first, items))
+                expect = row_last + 1
+            if expect <= last:
+                raise _Damaged(f"the log does not hold change {expect}")
+        self._fold_row = rows[-1] if rows and rows[-1][0] + len(rows[-1][1]) - 1 > last else None
+        return rows
+
     def _trim(self) -> None:
         """Keep about ``retain`` changes on disk: drop whole commit segments that
-        hold only older changes, a few at a time between commits."""
-        keep_from = self._committed - self.retain + 1
+        hold only older changes, and are folded, a few at a time between commits."""
+        # Only changes that are folded: the others are the records table's to come.
+        keep_from = min(self._committed - self.retain + 1, self._folded + 1)
         slack = max(1000, self.retain // 10)
         while keep_from - self._oldest_change > slack:
             try:
