@@ -1,4 +1,5 @@
-"""A TCP proxy for tests that can cut every connection through it at any moment."""
+"""A TCP proxy for tests that can cut every connection through it at any moment, or
+refuse connections for a while."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from statecast.loops import new_event_loop
 
 
 class CuttingProxy:
-    """Forwards 127.0.0.1:<port> to an upstream port; ``cut()`` resets all connections."""
+    """Forwards 127.0.0.1:<port> to an upstream port; ``cut()`` resets all connections,
+    ``block()`` resets them and refuses new ones until ``unblock()``."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
@@ -18,6 +20,7 @@ class CuttingProxy:
         self.loop = new_event_loop("asyncio")
         self._writers: set[asyncio.StreamWriter] = set()
         self.cuts = 0
+        self.blocked = False
         started = threading.Event()
         self._server: asyncio.Server | None = None
 
@@ -36,6 +39,9 @@ class CuttingProxy:
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if self.blocked:
+            w.transport.abort()
+            return
         try:
             ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         except OSError:
@@ -62,6 +68,22 @@ class CuttingProxy:
                 w.transport.abort()
 
         self.loop.call_soon_threadsafe(abort_all)
+
+    def block(self) -> None:
+        """Reset every connection and refuse new ones (from any thread)."""
+
+        def refuse() -> None:
+            self.blocked = True
+            for w in list(self._writers):
+                w.transport.abort()
+
+        self.loop.call_soon_threadsafe(refuse)
+
+    def unblock(self) -> None:
+        def accept() -> None:
+            self.blocked = False
+
+        self.loop.call_soon_threadsafe(accept)
 
     def close(self) -> None:
         async def shut() -> None:

@@ -9,7 +9,6 @@ import re
 import select
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,34 +258,13 @@ def test_serve_accepts_what_token_mints(auth_server: ServeProcess) -> None:
     assert "bad token signature" in r.stderr
 
 
-class TlsServeProcess(ServeProcess):
-    """``statecast serve`` with TLS: it says it listens on tls://."""
-
-    def _wait_port(self) -> int:
-        assert self.p.stdout is not None
-        deadline = time.monotonic() + TIMEOUT * 3
-        while time.monotonic() < deadline:
-            line = self.p.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            m = re.search(r"listening on tls://[^:]+:(\d+)", line)
-            if m:
-                self._reader = threading.Thread(target=self._drain, daemon=True)
-                self._reader.start()
-                return int(m.group(1))
-        self.p.kill()
-        out, _ = self.p.communicate()
-        raise AssertionError("server did not start:\n" + "".join(self.lines) + out)
-
-
 def test_client_commands_over_tls_with_a_token(tmp_path: Path) -> None:
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
     cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    srv = TlsServeProcess(
+    srv = ServeProcess(
         tmp_path,
         "--store",
         "memory",

@@ -8,20 +8,17 @@ back) while the other nodes keep their connections.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from statecast.loops import new_event_loop
 from tests.helpers import TIMEOUT, free_port
+from tests.proxy import CuttingProxy
 
 NATS_SERVER = shutil.which("nats-server") or (
     "/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None
@@ -126,84 +123,12 @@ class NatsServer:
         self.kill()
 
 
-class BlockingProxy:
-    """Forwards 127.0.0.1:<port> to an upstream port. ``block()`` resets every
-    connection through it and refuses new ones until ``unblock()``."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.port = 0
-        self.blocked = False
-        self.loop = new_event_loop("asyncio")
-        self._writers: set[asyncio.StreamWriter] = set()
-        started = threading.Event()
-        self._server: asyncio.Server | None = None
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self._server = self.loop.run_until_complete(
-                asyncio.start_server(self._handle, "127.0.0.1", 0)
-            )
-            started.set()
-            self.loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        started.wait(TIMEOUT)
-        assert self._server is not None
-        self.port = int(self._server.sockets[0].getsockname()[1])
+class BlockingProxy(CuttingProxy):
+    """A proxy in front of a NATS server: ``block()`` cuts a node off NATS."""
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
-
-    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        if self.blocked:
-            w.transport.abort()
-            return
-        try:
-            ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            w.transport.abort()
-            return
-        self._writers |= {w, uw}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, ConnectionError):
-                while data := await src.read(1 << 16):
-                    dst.write(data)
-                    await dst.drain()
-            dst.transport.abort()
-
-        await asyncio.gather(pipe(r, uw), pipe(ur, w))
-        self._writers -= {w, uw}
-
-    def block(self) -> None:
-        def cut() -> None:
-            self.blocked = True
-            for w in list(self._writers):
-                w.transport.abort()
-
-        self.loop.call_soon_threadsafe(cut)
-
-    def unblock(self) -> None:
-        def open_() -> None:
-            self.blocked = False
-
-        self.loop.call_soon_threadsafe(open_)
-
-    def close(self) -> None:
-        async def shut() -> None:
-            assert self._server is not None
-            self._server.close()
-            for w in list(self._writers):
-                w.transport.abort()
-            await asyncio.sleep(0)
-
-        asyncio.run_coroutine_threadsafe(shut(), self.loop).result(TIMEOUT)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(TIMEOUT)
-        self.loop.close()
 
 
 class NatsCluster:

@@ -74,7 +74,6 @@ class Fanout:
         # change log lets go of it once the change falls out of the log.
         self._pending_before: list[Record | None] = []
         self._batch_ends: list[int] = []  # len(_pending) after each queued batch
-        self._pending_bytes = 0
         self._groups: dict[View, dict[Subscriber, None]] = {}
         self._filters = FilterSet()  # the distinct where filters of the groups
         self.flushed_seq = 0  # every change <= this has been handed to subscribers
@@ -279,7 +278,6 @@ class Fanout:
             [b if isinstance(b, Record) else None for b in (r.before for r in records)]
         )
         self._batch_ends.append(len(self._pending))
-        self._pending_bytes += sum([len(r.line) for r in records])
         if not self._scheduled and self._schedule is not None:
             self._scheduled = True
             self._schedule(self._scheduled_flush)
@@ -297,18 +295,16 @@ class Fanout:
         if not self._pending:
             return
         n = len(self._pending)
-        if max_bytes is not None and self._pending_bytes > max_bytes:
+        if max_bytes is not None:
             n = self._cut(max_bytes)
         records = self._pending[:n]
         befores = self._pending_before[:n]
         if n == len(self._pending):
             self._pending, self._pending_before, self._batch_ends = [], [], []
-            self._pending_bytes = 0
         else:
             del self._pending[:n]
             del self._pending_before[:n]
             self._batch_ends = [end - n for end in self._batch_ends if end > n]
-            self._pending_bytes -= sum([len(r.line) for r in records])
         self.flushed_seq = records[-1].seq
         lines = [r.change_line() for r in records]  # encode once, for everyone
         everything: bytes | None = None
