@@ -99,24 +99,18 @@ _PLAIN_LINE: Final = bytes(b for b in range(0x21, 0x80) if b != 0x5C)
 # What may be a number no client can read (beyond a double: 1e400; an integer of
 # thousands of digits): a three-digit exponent or a long run of digits, also inside a
 # string (then the real check, a decode, clears it).
-_TO_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
-_BIG_PATTERNS: Final = (
-    b"e000",
-    b"E000",
-    b"e+000",
-    b"e-000",
-    b"E+000",
-    b"E-000",
-    b"0" * 309,
-)
+# Digits and signs become "0" and "E" becomes "e": a three-digit exponent is then
+# "e000" whatever its sign, and a long number is a long run of "0".
+_TO_ZERO: Final = bytes.maketrans(b"123456789+-E", b"00000000000e")
+_LONG_RUN: Final = b"0" * 309
 
 
 def _may_hold_big_number(data: bytes) -> bool:
-    """A three-digit exponent or 309 digits in a row somewhere in ``data`` (digits
-    mapped to 0, then a few substring searches: C speed, unlike a regular expression,
-    which costs milliseconds on a 200 KB request line)."""
+    """A three-digit exponent or 309 digits in a row somewhere in ``data``: one
+    translation and two substring searches (C speed; a regular expression costs
+    milliseconds on a 200 KB request line). False alarms only cost a decode."""
     zeros = data.translate(_TO_ZERO)
-    return any(p in zeros for p in _BIG_PATTERNS)
+    return b"e000" in zeros or _LONG_RUN in zeros
 
 
 _RANGE_REASON: Final = (
