@@ -240,8 +240,8 @@ class Server:
 
         if not isinstance(store, SourceStore):
             raise ConfigError(
-                f"the store {store.description} cannot follow a PostgreSQL source yet: it "
-                "does not commit source positions (docs/postgres.md); use --store memory"
+                f"the store {store.description} cannot follow a PostgreSQL source: it "
+                "does not commit source positions (docs/postgres.md); use --store sqlite or memory"
             )
 
     async def _prepare_source(self, store: Store) -> Plan:
@@ -554,6 +554,7 @@ class Server:
             "store": engine.store.description
             + ("" if self._source is None else f"; source {self._source.summary()}"),
             "uptime": round(time.monotonic() - self._started_at, 3),
+            "source": self.source_status(),
         }
 
     # -- connections -----------------------------------------------------------

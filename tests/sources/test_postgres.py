@@ -13,11 +13,14 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import signal
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -164,8 +167,8 @@ def serving(db: Db, *, timeout: float = TIMEOUT * 6, **settings: Any) -> Iterato
     """A server following ``db`` (memory store unless ``open_store`` is patched)."""
     settings.setdefault("slot", db.slot)
     settings.setdefault("store", "memory")
+    settings.setdefault("http_port", None)
     server = Server(
-        http_port=None,
         port=0,
         heartbeat=None,
         shutdown_grace=2.0,
@@ -260,20 +263,7 @@ def shared_store(monkeypatch: pytest.MonkeyPatch, store: MemoryStore) -> None:
     monkeypatch.setattr("statecast.server.open_store", lambda config: store)
 
 
-def _sqlite_positions() -> bool:
-    from statecast.stores.sqlite import SQLiteStore  # noqa: PLC0415
-
-    return hasattr(SQLiteStore, "submit_source") and hasattr(SQLiteStore, "reset")
-
-
-NO_SQLITE_POSITIONS = (
-    "SQLiteStore has no source positions yet: it needs submit_source(batch, done, position), "
-    "positions and reset() (core/store.py SourceStore; docs/postgres.md, 'The SQLite store')"
-)
-NEEDS_SQLITE_POSITIONS = pytest.mark.skipif(not _sqlite_positions(), reason=NO_SQLITE_POSITIONS)
-
-
-@pytest.fixture(params=["memory", pytest.param("sqlite", marks=NEEDS_SQLITE_POSITIONS)])
+@pytest.fixture(params=["memory", "sqlite"])
 def lasting(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> dict[str, Any]:
@@ -955,6 +945,17 @@ def test_changed_tables_reload_under_a_new_epoch(
 # -- faults ------------------------------------------------------------------------------------
 
 
+def readyz(server: Server) -> tuple[int, str, str]:
+    """/readyz: (HTTP status, its "status", the source's state)."""
+    url = f"http://127.0.0.1:{server.http_port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as r:
+            status, body = r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, json.loads(exc.read())
+    return status, body["status"], body["source"]["state"]
+
+
 @pytest.mark.parametrize("how", ["stop", "kill"])
 def test_postgres_stopped_under_load_loses_and_doubles_nothing(
     how: str, handoffs: list[SourceBatch]
@@ -962,7 +963,12 @@ def test_postgres_stopped_under_load_loses_and_doubles_nothing(
     with PgServer() as own:
         db = Db(own, "postgres")
         Writer.schema(db, 10)
-        with serving(db, tables="orders,counters") as server, Writer(db, 10) as writer:
+        with (
+            serving(db, tables="orders,counters", http_port=0) as server,
+            Writer(db, 10) as writer,
+        ):
+            wait_for(lambda: server.source_ready, "the source to stream")
+            assert readyz(server) == (200, "ready", "streaming")
             writer.wait_commits(30)
             if how == "stop":
                 own.stop()
@@ -978,10 +984,15 @@ def test_postgres_stopped_under_load_loses_and_doubles_nothing(
             assert status is not None
             assert status["error"]
             assert "source down" in server.stats()["store"]
-            # Reads go on.
+            assert readyz(server)[:2] == (503, "source down")
+            # Reads go on, and stats say why.
             with LineClient(server.port) as client:
                 client.send({"op": "sync", "collections": ["counters"]})
                 assert client.read_until("snapshot_end")[-1]["count"] == 1
+                client.send({"op": "stats", "id": 1})
+                frame = client.read_until("stats")[-1]
+                assert frame["source"]["state"] == "down"
+                assert frame["source"]["error"]
             own.start()
             writer.wait_commits(30)
             writer.stop()
@@ -992,6 +1003,7 @@ def test_postgres_stopped_under_load_loses_and_doubles_nothing(
             assert status is not None
             assert status["state"] == "streaming"
             assert status["reconnects"] >= 1
+            assert readyz(server) == (200, "ready", "streaming")
             check_whole_transactions(handoffs, 10, last)
 
 
@@ -1121,17 +1133,6 @@ def test_source_settings_are_checked() -> None:
         Config(source="mysql://h/db?password=secret")
 
 
-@pytest.mark.skipif(_sqlite_positions(), reason="the SQLite store follows sources now")
-def test_a_store_without_positions_is_refused_before_it_is_opened(tmp_path: Path) -> None:
-    path = tmp_path / "statecast.db"
-    server = Server(
-        store=f"sqlite:{path}", http_port=None, port=0, source="postgresql://127.0.0.1:1/x"
-    )
-    with pytest.raises(ConfigError, match=r"cannot follow a PostgreSQL source yet.*memory"):
-        server.start_in_thread(TIMEOUT)
-    assert not path.exists()
-
-
 # -- the command line, and a kill -9 ----------------------------------------------------------
 
 
@@ -1170,7 +1171,6 @@ def test_statecast_serve_follows_a_database(db: Db, tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
-@NEEDS_SQLITE_POSITIONS
 def test_kill9_resumes_from_the_slot_under_the_same_epoch(db: Db, tmp_path: Path) -> None:
     Writer.schema(db, 10)
     args = (

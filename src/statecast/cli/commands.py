@@ -315,7 +315,13 @@ async def stats(target: Target, interval: float, as_json: bool) -> int:
     table = Table(title=f"statecast at {target.url}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
+    rows: list[tuple[str, object]] = []
     for key, value in data.items():
+        if isinstance(value, dict):  # the source's status: one row per field
+            rows += [(f"{key} {k}", v) for k, v in value.items()]
+        elif value is not None:
+            rows.append((key, value))
+    for key, value in rows:
         shown = (
             f"{value:,.1f}"
             if isinstance(value, float)

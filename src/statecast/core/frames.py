@@ -170,6 +170,9 @@ class Stats(msgspec.Struct, tag_field="type", tag="stats", omit_defaults=True):
     retained_changes: int
     store: str
     uptime: float
+    # Only with a PostgreSQL source (docs/postgres.md, "Faults"): its state
+    # (loading, streaming, down, failed), lag_bytes, committed_lsn, counters, error.
+    source: dict[str, Any] | None = None
     id: RequestId = None
 
 

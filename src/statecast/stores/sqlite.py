@@ -23,7 +23,8 @@ the log rows after it, which are then folded in the background.
 Schema (version 3; see MIGRATIONS for what versions 1 and 2 lacked)::
 
     statecast_meta(key PRIMARY KEY, value)   format, schema_version, epoch, seq,
-                                             folded_seq, ...
+                                             folded_seq, source_position (a JSON
+                                             object: source name -> position), ...
     records(collection, key, seq, line)      the state at folded_seq: one row per live record
     changes(first_seq PRIMARY KEY, last_seq, body)   the log, one row per commit: every
                                              change after folded_seq, and the retained ones
@@ -60,7 +61,7 @@ from statecast.core.changelog import ChangeLog
 from statecast.core.frames import DELETE_LINE, RECORD_LINE
 from statecast.core.protocol import COLLECTION_RE, PreparedChange
 from statecast.core.state import Record, State, encode_batch
-from statecast.core.store import Committed, Install, ToLoop, new_epoch
+from statecast.core.store import Committed, Install, Position, ToLoop, new_epoch
 from statecast.core.values import MAX_DEPTH, InvalidValue, canonical_value
 from statecast.errors import InternalError, StoreError, Unavailable
 
@@ -557,15 +558,41 @@ MIGRATIONS: Final[dict[int, Callable[[sqlite3.Connection], None]]] = {
 
 
 class _Batch:
-    __slots__ = ("batch", "done", "records")
+    __slots__ = ("batch", "done", "position", "records")
 
-    def __init__(self, batch: Sequence[PreparedChange], done: Committed) -> None:
+    def __init__(
+        self, batch: Sequence[PreparedChange], done: Committed, position: Position | None = None
+    ) -> None:
         self.batch = batch
         self.done = done
+        self.position = position  # committed with the batch (submit_source)
         self.records: list[Record] | None = None
 
 
-_Job = _Batch | Callable[[], None] | None  # a batch, a flush marker, or stop
+class _Call:
+    """Work for the writer thread itself (reset), between commits and folds; the
+    caller waits for it."""
+
+    __slots__ = ("done", "error", "fn")
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+# A batch, a flush marker (posted to the loop once everything before it is done), work
+# for the writer thread, or stop.
+_Job = _Batch | _Call | Callable[[], None] | None
+_POSITION_KEY: Final = "source_position"
 
 
 class _Damaged(Exception):
@@ -594,6 +621,11 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._to_loop: ToLoop | None = None
+        # SourceStore (docs/postgres.md): source name -> the position committed with
+        # the last batch taken from it; this copy is the loop thread's, kept current as
+        # commits are delivered, and the writer keeps its own (_disk_positions).
+        self.positions: dict[str, str] = {}
+        self._disk_positions: dict[str, str] = {}
         self._committed = 0  # the seq of the last committed change
         self._folded = 0  # the seq of the last change folded into the records table
         self._oldest_change = 1  # the oldest seq still in the changes table
@@ -801,6 +833,8 @@ class SQLiteStore:
         after it replayed on top of it; the retained log from the log rows."""
         meta = dict(conn.execute("SELECT key, value FROM statecast_meta").fetchall())
         self.epoch = meta["epoch"]
+        self.positions = self._positions_of(meta.get(_POSITION_KEY))
+        self._disk_positions = dict(self.positions)
         seq = int(meta["seq"])
         folded = int(meta["folded_seq"])
         row = conn.execute("SELECT min(first_seq) FROM changes").fetchone()
@@ -845,6 +879,17 @@ class SQLiteStore:
         self._folded = folded
         self.replayed = replayed
 
+    def _positions_of(self, text: str | None) -> dict[str, str]:
+        if text is None:
+            return {}
+        try:
+            positions = msgspec.json.decode(text, type=dict[str, str])
+        except msgspec.DecodeError as exc:
+            raise StoreError(
+                f"{self.path} is damaged: its source position cannot be read ({exc})"
+            ) from None
+        return positions
+
     def _load_records(self, conn: sqlite3.Connection, start: int, folded: int) -> dict[int, Record]:
         """Load the records table into the state (at seq ``folded``); the records of
         seq ``start`` or later, by seq, so that the log can share their objects.
@@ -885,6 +930,58 @@ class SQLiteStore:
     # -- loop thread interface -----------------------------------------------------
     def submit(self, batch: Sequence[PreparedChange], done: Committed) -> None:
         self._queue.put(_Batch(batch, done))
+
+    def submit_source(
+        self, batch: Sequence[PreparedChange], done: Committed, position: Position
+    ) -> None:
+        """SourceStore: as :meth:`submit`, and the position is written by the same
+        commit, in the ``source_position`` row of statecast_meta (an empty batch
+        commits only the position)."""
+        self._queue.put(_Batch(batch, done, position))
+
+    def reset(self) -> None:
+        """SourceStore: start over (no records, an empty log, seq 0, a new epoch, no
+        positions), in one transaction of the writer thread. Before serving only."""
+        call = _Call(self._reset)
+        self._queue.put(call)
+        call.done.wait()
+        if call.error is not None:
+            if isinstance(call.error, sqlite3.Error):
+                raise StoreError(f"cannot reset {self.path}: {call.error}") from None
+            raise call.error
+
+    def _reset(self) -> None:
+        conn = self._connection()
+        epoch = new_epoch()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("DELETE FROM records")
+            conn.execute("DELETE FROM changes")
+            conn.executemany(
+                "UPDATE statecast_meta SET value=? WHERE key=?",
+                [("0", "seq"), ("0", "folded_seq"), (epoch, "epoch")],
+            )
+            conn.execute("DELETE FROM statecast_meta WHERE key=?", (_POSITION_KEY,))
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        log.warning(
+            "%s reset: its %d records and change log are gone; new epoch %s (was %s)",
+            self.path,
+            len(self.state),
+            epoch,
+            self.epoch,
+        )
+        self.state = State()
+        self.log = ChangeLog(self.retain)
+        self.epoch = epoch
+        self.positions = {}
+        self._disk_positions = {}
+        self._committed = self._folded = 0
+        self._oldest_change = 1
+        self._fold_row = None
 
     def flush(self, done: Callable[[], None]) -> None:
         self._queue.put(done)
@@ -953,13 +1050,16 @@ class SQLiteStore:
                 if isinstance(job, _Batch):
                     group.append(job)
                     continue
-                # A flush marker or stop: everything before it is written first.
+                # A flush marker, a call or stop: everything before it is written first.
                 self._commit(group)
                 group = []
                 if job is None:
                     stop = True
                     break
-                self._post(job)
+                if isinstance(job, _Call):
+                    job.run()
+                else:
+                    self._post(job)
             self._commit(group)
             if not stop:
                 # Past the bound, the fold keeps pace with the commits.
@@ -1011,18 +1111,29 @@ class SQLiteStore:
             return
         seq = self._committed
         lines: list[bytes] = []
+        positions: dict[str, str] | None = None
         for job in group:
             job.records = encode_batch(job.batch, seq + 1)
             seq += len(job.records)
             lines += [r.line for r in job.records]
+            if job.position is not None:
+                if positions is None:
+                    positions = dict(self._disk_positions)
+                positions[job.position[0]] = job.position[1]
         try:
             conn = self._connection()
             # The log only: the records table is brought up to date by the fold.
             conn.execute("BEGIN IMMEDIATE")
             try:
-                if lines:  # (a batch is never empty: this is only a guard)
+                if lines:  # (only a source's batch may be empty: its position alone)
                     conn.execute(_LOG, (self._committed + 1, seq, b"".join(lines)))
-                conn.execute("UPDATE statecast_meta SET value=? WHERE key='seq'", (str(seq),))
+                    conn.execute("UPDATE statecast_meta SET value=? WHERE key='seq'", (str(seq),))
+                if positions is not None:
+                    conn.execute(
+                        "INSERT INTO statecast_meta (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                        (_POSITION_KEY, msgspec.json.encode(positions).decode()),
+                    )
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -1042,6 +1153,8 @@ class SQLiteStore:
             self._post(fail_internal)
             return
         self._committed = seq
+        if positions is not None:
+            self._disk_positions = positions
         self.commits += 1
         self._commit_at = time.monotonic()
         if not self._healthy:
@@ -1050,6 +1163,8 @@ class SQLiteStore:
 
         def deliver() -> None:
             for job in group:
+                if job.position is not None:
+                    self.positions[job.position[0]] = job.position[1]
                 job.done(job.records, None)
 
         self._post(deliver)

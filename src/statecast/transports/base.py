@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from statecast.config import Config
 from statecast.core.engine import Engine
@@ -94,6 +94,9 @@ class Host(Protocol):
     @property
     def engine(self) -> Engine:
         """The engine (raises ``ServerStateError`` before the store is loaded)."""
+
+    def source_status(self) -> dict[str, Any] | None:
+        """What the PostgreSQL source is doing (None without one; docs/postgres.md)."""
 
     @property
     def connections(self) -> Connections: ...

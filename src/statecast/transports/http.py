@@ -183,11 +183,24 @@ class _Handlers:
         return web.json_response({"status": "alive"})
 
     async def readyz(self, request: web.Request) -> web.Response:
+        """200 once the store is loaded and, with a PostgreSQL source, it streams;
+        503 otherwise, saying why (docs/http.md). A server whose source is down still
+        serves what it has: only its readiness says that it is behind."""
         host = self.host
-        if host.ready:
-            return web.json_response({"status": "ready", "seq": host.engine.seq})
-        why = "stopping" if host.stopping else "loading"
-        return web.json_response({"status": why}, status=503)
+        if not host.ready:
+            why = "stopping" if host.stopping else "loading"
+            return web.json_response({"status": why}, status=503)
+        body: dict[str, Any] = {"status": "ready", "seq": host.engine.seq}
+        source = host.source_status()
+        if source is not None:
+            body["source"] = source
+            # Connecting counts as ready until a connection has failed (down_seconds):
+            # the source connects again after its initial load, and after a blip.
+            state = source["state"]
+            if state not in ("streaming", "connecting") or "down_seconds" in source:
+                body["status"] = "source down" if state == "connecting" else f"source {state}"
+                return web.json_response(body, status=503)
+        return web.json_response(body)
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(
