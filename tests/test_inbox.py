@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 
 import pytest
 
-from statecast.core.protocol import Change, prepare_changes
+from statecast.core.protocol import Change, PreparedChange, prepare_changes
 from statecast.errors import ShuttingDown
-from statecast.inbox import Item, PublishInbox
+from statecast.inbox import PublishInbox
+
+Item = tuple[list[PreparedChange], concurrent.futures.Future[int]]
 
 
 def test_bursts_from_threads_wake_the_loop_rarely_and_keep_each_threads_order() -> None:
@@ -25,7 +28,7 @@ def test_bursts_from_threads_wake_the_loop_rarely_and_keep_each_threads_order() 
 
     async def main() -> list[list[int]]:
         loop = asyncio.get_running_loop()
-        inbox = PublishInbox(loop, handle)
+        inbox: PublishInbox[list[PreparedChange]] = PublishInbox(loop, handle)
         results: list[list[int]] = [[] for _ in range(4)]
 
         def producer(n: int) -> None:

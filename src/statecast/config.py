@@ -67,6 +67,7 @@ class Config:
     sqlite_synchronous: Literal["full", "normal"] = "full"  # see docs/durability.md
     sqlite_busy_timeout: float = 2.0  # seconds a commit waits for another process's lock
     retain: int = 1_000_000  # changes kept for resume (§3.2)
+    dedupe_window: float = 600.0  # seconds an idempotency key is remembered (§3.3)
     nats_stream: str = "statecast"  # the JetStream stream of a nats:// store (docs/cluster.md)
     nats_creds: str | None = None  # a NATS credentials file (JWT + nkey)
     nats_ca_file: str | None = None  # CA bundle for tls:// NATS servers
@@ -153,6 +154,10 @@ class Config:
             )
         if self.retain < 0:
             raise ConfigError(f"retain must be >= 0, not {self.retain}")
+        if not 0 <= self.dedupe_window <= 30 * 86400:
+            raise ConfigError(
+                f"dedupe_window must be 0 to 2592000 seconds (30 days), not {self.dedupe_window}"
+            )
 
     def _check_source(self) -> None:
         if self.source is None:

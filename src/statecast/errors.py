@@ -142,8 +142,24 @@ class ResyncRequired(ProtocolError):
 
 
 class Conflict(ProtocolError):
+    """A precondition of a publish failed (§3.3 ``if_seq``): nothing of the batch was
+    applied. ``change`` is the index of the change whose ``if_seq`` did not hold, and
+    ``current_seq`` the record's last-written seq (0: it does not exist)."""
+
     code = "conflict"
     status = 409
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_id: int | str | None = None,
+        change: int | None = None,
+        current_seq: int | None = None,
+    ) -> None:
+        super().__init__(message, request_id=request_id)
+        self.change = change
+        self.current_seq = current_seq
 
 
 class TooLarge(ProtocolError):
@@ -202,10 +218,17 @@ ERRORS_BY_CODE: dict[str, type[ProtocolError]] = {
 
 
 def error_from_code(
-    code: str, message: str, *, request_id: int | str | None = None
+    code: str,
+    message: str,
+    *,
+    request_id: int | str | None = None,
+    change: int | None = None,
+    current_seq: int | None = None,
 ) -> ProtocolError:
     """The exception for an ``error`` frame; unknown codes become :class:`ProtocolError`."""
     cls = ERRORS_BY_CODE.get(code)
     if cls is None:
         return ProtocolError(f"[{code}] {message}", request_id=request_id)
+    if cls is Conflict:
+        return Conflict(message, request_id=request_id, change=change, current_seq=current_seq)
     return cls(message, request_id=request_id)

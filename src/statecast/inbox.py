@@ -11,27 +11,29 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
-from statecast.core.protocol import PreparedChange
 from statecast.errors import ShuttingDown
 
 __all__ = ["PublishInbox"]
 
-Item = tuple[list[PreparedChange], "concurrent.futures.Future[int]"]
+T = TypeVar("T")  # what is published: a Prepared batch, or a source's batch
 
 
-class PublishInbox:
+class PublishInbox(Generic[T]):
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, handle: Callable[[list[Item]], None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        handle: Callable[[list[tuple[T, concurrent.futures.Future[int]]]], None],
     ) -> None:
         self._loop = loop
         self._handle = handle
         self._lock = threading.Lock()
-        self._items: list[Item] = []
+        self._items: list[tuple[T, concurrent.futures.Future[int]]] = []
         self._scheduled = False
         self._closed = False
 
-    def put(self, batch: list[PreparedChange]) -> concurrent.futures.Future[int]:
+    def put(self, batch: T) -> concurrent.futures.Future[int]:
         """Queue a validated batch from any thread; the future gets its last seq."""
         fut: concurrent.futures.Future[int] = concurrent.futures.Future()
         with self._lock:

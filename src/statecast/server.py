@@ -34,11 +34,11 @@ from statecast.core.engine import Engine
 from statecast.core.fanout import Subscriber
 from statecast.core.pacing import FlushPacer
 from statecast.core.policy import Grant
-from statecast.core.protocol import Change, PreparedChange, prepare_changes
+from statecast.core.protocol import Change, Prepared, PreparedChange, prepare_publish
 from statecast.core.session import InflightBudget, Session
 from statecast.core.store import Store
 from statecast.errors import ConfigError, ProtocolError, ServerStateError, ShuttingDown
-from statecast.inbox import Item, PublishInbox
+from statecast.inbox import PublishInbox
 from statecast.loops import LoopThread
 from statecast.security import (
     UserConnections,
@@ -116,11 +116,11 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._engine: Engine | None = None
         self._store: Store | None = None
-        self._inbox: PublishInbox | None = None
+        self._inbox: PublishInbox[Prepared] | None = None
         # A PostgreSQL source (--source, docs/postgres.md): its thread hands its batches
         # to the loop through an inbox of its own, applied in order by the applier.
         self._source: PostgresSource | None = None
-        self._source_inbox: PublishInbox | None = None
+        self._source_inbox: PublishInbox[list[PreparedChange]] | None = None
         self._applier: Applier | None = None
         self._listener: asyncio.Server | None = None
         self.connections = Connections()
@@ -199,7 +199,10 @@ class Server:
         self._store = store
         plan = await self._prepare_source(store) if cfg.source is not None else None
         self._engine = Engine(
-            store, FlushPacer(loop, cfg.flush_interval).schedule, timer=loop.call_later
+            store,
+            FlushPacer(loop, cfg.flush_interval).schedule,
+            timer=loop.call_later,
+            dedupe_window=cfg.dedupe_window,
         )
         store.state.max_retained = cfg.max_snapshot_retained
         store.start(self._engine.install)
@@ -385,8 +388,20 @@ class Server:
         self.stop_in_thread()
 
     # -- publishing ------------------------------------------------------------
-    def publish(self, changes: Changes, *, timeout: float | None = None) -> int:
+    def publish(
+        self,
+        changes: Changes,
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> int:
         """Apply one atomic batch from any thread but the loop's; return its last seq.
+
+        §3.3: a change may carry ``if_seq`` (``Change(..., if_seq=N)``): the record's
+        last-written seq must be N (0: it must not exist), or
+        :class:`~statecast.errors.Conflict` is raised and nothing is applied. With an
+        ``idempotency_key`` seen within the dedupe window, nothing is applied again and
+        the first publish's seq is returned (a :class:`~statecast.core.engine.Duplicate`).
 
         Raises :class:`~statecast.errors.BadRequest` (nothing applied) for an
         invalid change and :class:`~statecast.errors.ShuttingDown` once stopping.
@@ -395,33 +410,37 @@ class Server:
             raise ServerStateError(
                 "publish() would block the event loop: use 'await server.apublish(...)'"
             )
-        return self.publish_nowait(changes).result(timeout)
+        return self.publish_nowait(changes, idempotency_key=idempotency_key).result(timeout)
 
-    def publish_nowait(self, changes: Changes) -> concurrent.futures.Future[int]:
+    def publish_nowait(
+        self, changes: Changes, *, idempotency_key: str | None = None
+    ) -> concurrent.futures.Future[int]:
         """Like :meth:`publish`, without waiting (from any thread, the loop's too):
         the future gets the seq."""
-        batch = prepare_changes(changes)
+        prepared = prepare_publish(changes, idempotency_key=idempotency_key)
         if self._engine is not None:
-            self._engine.check_writable(c[0] for c in batch)
+            self._engine.check_writable(c[0] for c in prepared.batch)
         inbox = self._inbox
         if inbox is None:
             raise ServerStateError("the server is not running: start it before publishing")
-        return inbox.put(batch)
+        return inbox.put(prepared)
 
-    async def apublish(self, changes: Changes) -> int:
+    async def apublish(self, changes: Changes, *, idempotency_key: str | None = None) -> int:
         """Publish from a coroutine; on the server's own loop this applies at once."""
-        batch = prepare_changes(changes)
+        prepared = prepare_publish(changes, idempotency_key=idempotency_key)
         if self._engine is not None:
-            self._engine.check_writable(c[0] for c in batch)
+            self._engine.check_writable(c[0] for c in prepared.batch)
         if self._on_loop_thread():
             if self.stopping:
                 raise ShuttingDown("the server is shutting down")
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            self.engine.publish(batch, _settle(fut))
+            self.engine.publish(
+                prepared.batch, _settle(fut), conditions=prepared.conditions, key=prepared.key
+            )
             return await fut
         if self._inbox is None:
             raise ServerStateError("the server is not running: start it before publishing")
-        return await asyncio.wrap_future(self._inbox.put(batch))
+        return await asyncio.wrap_future(self._inbox.put(prepared))
 
     def put(self, collection: str, key: str, value: Any) -> int:
         """Upsert one record (from any thread but the loop's)."""
@@ -431,11 +450,13 @@ class Server:
         """Delete one record (from any thread but the loop's)."""
         return self.publish([Change(collection, key, delete=True)])
 
-    def _apply_inbox(self, items: list[Item]) -> None:
+    def _apply_inbox(self, items: list[tuple[Prepared, concurrent.futures.Future[int]]]) -> None:
         engine = self.engine
-        for batch, fut in items:
+        for prepared, fut in items:
             try:
-                engine.publish(batch, _settle(fut))
+                engine.publish(
+                    prepared.batch, _settle(fut), conditions=prepared.conditions, key=prepared.key
+                )
             except Exception as exc:  # a bug: report it to the caller, keep serving
                 log.exception("internal error while applying a publish")
                 fut.set_exception(exc)
@@ -519,12 +540,16 @@ class Server:
         else:
             self._engine_callbacks.append(callback)
 
-    async def apublish_prepared(self, batch: list[PreparedChange]) -> int | ProtocolError:
-        """Publish a validated batch on the loop; the seq, or the error (not raised)."""
+    async def apublish_prepared(
+        self, batch: list[PreparedChange] | Prepared
+    ) -> int | ProtocolError:
+        """Publish a validated batch on the loop; the seq (a ``Duplicate`` for a key
+        seen before, §3.3), or the error (not raised)."""
         if self.stopping:
             return ShuttingDown("the server is shutting down")
+        p = batch if isinstance(batch, Prepared) else Prepared(batch)
         fut: asyncio.Future[int | ProtocolError] = asyncio.get_running_loop().create_future()
-        self.engine.publish(batch, fut.set_result)
+        self.engine.publish(p.batch, fut.set_result, conditions=p.conditions, key=p.key)
         return await fut
 
     @property

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from statecast.core.engine import Engine
 from statecast.core.protocol import PreparedChange
 from statecast.core.session import SLICE_BYTES, SLICE_LINES, InflightBudget, Limits
-from statecast.core.store import Committed
+from statecast.core.store import Committed, KeyStamp
 from statecast.stores.memory import MemoryStore
 from tests.peer import Peer, by_type, new_engine
 
@@ -49,7 +49,12 @@ class HeldStore(MemoryStore):
         super().__init__(1000)
         self.held: list[tuple[Sequence[PreparedChange], Committed]] = []
 
-    def submit(self, batch: Sequence[PreparedChange], done: Committed) -> None:
+    commits_at_once = False
+    checks_preconditions = True
+
+    def submit(
+        self, batch: Sequence[PreparedChange], done: Committed, key: KeyStamp | None = None
+    ) -> None:
         self.held.append((batch, done))
 
     def release(self, n: int | None = None) -> None:

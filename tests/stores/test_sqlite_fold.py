@@ -363,7 +363,7 @@ def test_a_version_2_database_is_migrated_and_its_log_rows_still_read(
         srv.stop_in_thread()
     assert "migrated" in caplog.text
     meta, _, _ = on_disk(path)
-    assert meta["schema_version"] == str(sqlite_store.SCHEMA_VERSION) == "3"
+    assert meta["schema_version"] == str(sqlite_store.SCHEMA_VERSION) == "4"
     srv = serving(path)
     try:
         log = changes_after(srv.port, epoch, 0, 12)

@@ -293,10 +293,10 @@ def test_bad_values_are_repaired_or_dropped_and_resume_stays_exact(
         "migrated" in r.getMessage() and "version 2" in r.getMessage() for r in caplog.records
     )
 
-    # The newest version now (3: log-first, docs/durability.md); a second open finds
-    # nothing to do and changes nothing.
+    # The newest version now (4: log-first, docs/durability.md, with the table of
+    # idempotency keys); a second open finds nothing to do and changes nothing.
     records, changes, meta = dump(path)
-    assert meta["schema_version"] == "3"
+    assert meta["schema_version"] == "4"
     assert meta["folded_seq"] == "21"
     assert meta["seq"] == "21"
     assert meta["epoch"] == EPOCH
@@ -403,7 +403,7 @@ def test_a_clean_database_is_left_as_it_was(
     assert dump(path) == (
         records,
         changes,
-        {**meta, "schema_version": "3", "folded_seq": "600"},
+        {**meta, "schema_version": "4", "folded_seq": "600"},
     )
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("nothing to repair" in r.getMessage() for r in caplog.records)

@@ -7,20 +7,50 @@ engine, so they share the same state, change log and fan-out.
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
+from statecast.core.dedupe import DEFAULT_KEEP, DEFAULT_WINDOW, Dedupe
 from statecast.core.fanout import Fanout
 from statecast.core.frames import RequestId
-from statecast.core.protocol import PreparedChange
+from statecast.core.protocol import Conditions, PreparedChange
 from statecast.core.state import Record, Snapshot
 from statecast.core.store import Position, SourceStore, Store
-from statecast.errors import Forbidden, ProtocolError
+from statecast.errors import BadRequest, Conflict, Forbidden, ProtocolError
 
-__all__ = ["Engine", "PublishDone"]
+__all__ = ["Duplicate", "Engine", "PublishDone"]
 
-# Called once per publish, on the loop thread: with the batch's last seq, or the error.
+# Called once per publish, on the loop thread: with the batch's last seq (a Duplicate
+# when it was applied before under its idempotency key), or the error.
 PublishDone = Callable[[int | ProtocolError], None]
+
+
+class Duplicate(int):
+    """The answer to a publish whose idempotency key was seen within the dedupe window
+    (§3.3): the seq of the first ack. Nothing was applied again. (An ``int``, so that
+    callers that only want the seq need not care.)"""
+
+
+class _Publish:
+    __slots__ = ("batch", "conditions", "done", "key", "position", "rid")
+
+    def __init__(
+        self,
+        batch: Sequence[PreparedChange],
+        done: PublishDone,
+        *,
+        position: Position | None,
+        conditions: Conditions | None,
+        key: str | None,
+        rid: RequestId,
+    ) -> None:
+        self.batch = batch
+        self.done = done
+        self.position = position
+        self.conditions = conditions
+        self.key = key
+        self.rid = rid
 
 
 class Engine:
@@ -29,6 +59,10 @@ class Engine:
         store: Store,
         schedule: Callable[[Callable[[], None]], object] | None = None,
         timer: Callable[[float, Callable[[], None]], object] | None = None,
+        *,
+        dedupe_window: float = DEFAULT_WINDOW,
+        dedupe_keep: int = DEFAULT_KEEP,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.fanout = Fanout(schedule, timer=timer)
@@ -42,6 +76,27 @@ class Engine:
         # Collections that follow a source (a PostgreSQL table, docs/postgres.md) -> what
         # they follow: only the source writes them; a publish to one is forbidden.
         self.read_only: dict[str, str] = {}
+        # §3.3 idempotency keys and preconditions.
+        self.clock = clock  # wall clock: the keys' times outlive the process
+        self.dedupe = Dedupe(dedupe_window, dedupe_keep)
+        self.dedupe.load(store.idempotency_keys())
+        self.duplicates = 0  # publishes answered as duplicates
+        self.conflicts = 0  # publishes refused because an if_seq did not hold
+        # A publish is *decided* (checked against its key and preconditions, then
+        # submitted) in arrival order, once nothing it depends on is still being
+        # committed: the batch of its key, or a batch writing a record one of its
+        # if_seq conditions names. Until then it waits, and so do the publishes after
+        # it (an order that is the same on every connection). With a store that
+        # commits at once, nothing ever waits.
+        self._waiting: collections.deque[_Publish] = collections.deque()
+        self._keys_committing: set[str] = set()
+        # Records written by batches submitted and not yet committed, tracked once a
+        # publish with conditions has been seen (until then, such a publish waits for
+        # every batch in flight: ``_untracked``).
+        self._track = False
+        self._pending: dict[tuple[str, str], int] = {}
+        self._untracked = 0
+        self._draining = False
 
     @property
     def seq(self) -> int:
@@ -70,6 +125,10 @@ class Engine:
         batch: Sequence[PreparedChange],
         done: PublishDone,
         position: Position | None = None,
+        *,
+        conditions: Conditions | None = None,
+        key: str | None = None,
+        rid: RequestId = None,
     ) -> None:
         """Commit a validated batch through the store; once committed, install it
         in the state and the log, queue it for subscribers, and call ``done``.
@@ -77,27 +136,164 @@ class Engine:
         With the memory store all of this happens before ``publish`` returns; with a
         durable store, once the batch is on disk (§3.3: the ack means committed).
 
+        §3.3: a batch whose idempotency ``key`` was committed before (within the
+        dedupe window) is not applied again: ``done`` gets :class:`Duplicate` with
+        the first ack's seq. One whose ``conditions`` (change index, if_seq) do not
+        all hold against the state it would be applied on gets :class:`Conflict`,
+        and nothing of it is applied.
+
         ``position`` (a source's batches only) is committed with the batch, by a
         :class:`~statecast.core.store.SourceStore` (the server checked the store is
         one); the batch may then be empty, and ``done`` gets the current seq.
         """
+        job = _Publish(batch, done, position=position, conditions=conditions, key=key, rid=rid)
+        if self._waiting or not self._may_start(job):
+            self._waiting.append(job)
+            return
+        self._start(job)
+
+    def _may_start(self, job: _Publish) -> bool:
+        """Whether nothing ``job`` is decided on is still being committed."""
+        if job.key is not None and job.key in self._keys_committing:
+            return False  # a retry: it waits for the outcome of the first
+        if job.conditions is not None:
+            if not self._track:
+                self._track = True  # from now on, track what batches in flight write
+            if self._untracked:
+                return False
+            pending = self._pending
+            if pending:
+                batch = job.batch
+                for i, _ in job.conditions:
+                    c = batch[i]
+                    if (c[0], c[1]) in pending:
+                        return False
+        return True
+
+    def _start(self, job: _Publish) -> None:
+        """Decide ``job`` (its key, then its conditions), then submit it."""
+        key = job.key
+        now = 0.0
+        if key is not None:
+            now = self.clock()
+            seq = self.dedupe.seq_of(key, now)
+            if seq is not None:
+                self.duplicates += 1
+                job.done(Duplicate(seq))
+                return
+        if job.conditions is not None:
+            if not self.store.checks_preconditions:
+                job.done(
+                    BadRequest(
+                        f"changes[{job.conditions[0][0]}].if_seq: the store "
+                        f"{self.store.description} cannot check preconditions (docs/cluster.md)",
+                        request_id=job.rid,
+                    )
+                )
+                return
+            conflict = self._check(job.batch, job.conditions, job.rid)
+            if conflict is not None:
+                self.conflicts += 1
+                job.done(conflict)
+                return
+        self._submit(job, now)
+
+    def _submit(self, job: _Publish, now: float) -> None:
+        batch, key, done = job.batch, job.key, job.done
+        store = self.store
+        tracked = untracked = False
+        if not store.commits_at_once:
+            if self._track:
+                tracked = True
+                self._hold(batch)
+            else:
+                untracked = True
+                self._untracked += 1
+        if key is not None:
+            self._keys_committing.add(key)
 
         def committed(records: list[Record] | None, error: ProtocolError | None) -> None:
+            if tracked:
+                self._let_go(batch)
+            elif untracked:
+                self._untracked -= 1
+            if key is not None:
+                self._keys_committing.discard(key)
             if records is None:
                 self.publishes_failed += 1
                 assert error is not None
                 done(error)
-                return
-            if not records:  # a position alone
+            elif not records:  # a position alone
                 done(self.store.state.seq)
-                return
-            self.install(records)
-            done(records[-1].seq)
+            else:
+                self.install(records)
+                seq = records[-1].seq
+                if key is not None:
+                    self.dedupe.add(key, seq, now)
+                done(seq)
+            if self._waiting:
+                self._drain()
 
-        if position is None:
-            self.store.submit(batch, committed)
+        if job.position is not None:
+            cast(SourceStore, store).submit_source(batch, committed, job.position)
+        elif key is not None:
+            store.submit(batch, committed, (key, now))
         else:
-            cast(SourceStore, self.store).submit_source(batch, committed, position)
+            store.submit(batch, committed)
+
+    def _hold(self, batch: Sequence[PreparedChange]) -> None:
+        """The records ``batch`` writes are being committed."""
+        pending = self._pending
+        for c in batch:
+            k = (c[0], c[1])
+            pending[k] = pending.get(k, 0) + 1
+
+    def _let_go(self, batch: Sequence[PreparedChange]) -> None:
+        pending = self._pending
+        for c in batch:
+            k = (c[0], c[1])
+            n = pending[k] - 1
+            if n:
+                pending[k] = n
+            else:
+                del pending[k]
+
+    def _drain(self) -> None:
+        """Decide the publishes that waited, in order, as far as they may start."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            waiting = self._waiting
+            while waiting and self._may_start(waiting[0]):
+                self._start(waiting.popleft())
+        finally:
+            self._draining = False
+
+    def _check(
+        self, batch: Sequence[PreparedChange], conditions: Conditions, rid: RequestId
+    ) -> Conflict | None:
+        """§3.3: the first condition of a batch that does not hold, as the error."""
+        get = self.store.state.get
+        for i, expected in conditions:
+            c = batch[i]
+            rec = get(c[0], c[1])
+            current = 0 if rec is None else rec.seq
+            if current != expected:
+                shown = c[1] if len(c[1]) <= 80 else c[1][:80] + "..."
+                if not expected:
+                    why = f"exists (at seq {current}), and if_seq 0 says it must not"
+                elif not current:
+                    why = f"does not exist, and if_seq says it is at seq {expected}"
+                else:
+                    why = f"is at seq {current}, not {expected} (if_seq)"
+                return Conflict(
+                    f"changes[{i}]: {c[0]}/{shown!r} {why}; nothing of the batch was applied",
+                    request_id=rid,
+                    change=i,
+                    current_seq=current,
+                )
+        return None
 
     def install(self, records: list[Record]) -> None:
         """A committed batch becomes part of the state and the log, and is queued for

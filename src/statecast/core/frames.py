@@ -18,7 +18,7 @@ from typing import Any, Final, TypeAlias, cast
 
 import msgspec
 
-from statecast.errors import ProtocolError, error_from_code
+from statecast.errors import Conflict, ProtocolError, error_from_code
 
 __all__ = [
     "CHANGE_PREFIX",
@@ -140,10 +140,13 @@ class Authed(msgspec.Struct, tag_field="type", tag="authed", omit_defaults=True)
 
 
 class Ack(msgspec.Struct, tag_field="type", tag="ack", omit_defaults=True):
-    """§3.3: a publish is applied; ``seq`` is its last change's."""
+    """§3.3: a publish is applied; ``seq`` is its last change's. ``duplicate``: the
+    batch was applied before under the same ``idempotency_key``, and ``seq`` is that
+    first ack's; nothing was applied again."""
 
     seq: int
     id: RequestId = None
+    duplicate: bool = False
 
 
 class Pong(msgspec.Struct, tag_field="type", tag="pong", omit_defaults=True):
@@ -182,9 +185,32 @@ class ErrorFrame(msgspec.Struct, tag_field="type", tag="error", omit_defaults=Tr
     code: str
     message: str
     id: RequestId = None
+    # code "conflict" (§3.3 if_seq): the change whose precondition failed, and the
+    # record's current seq (0: it does not exist).
+    change: int | None = None
+    current_seq: int | None = None
 
     def exception(self) -> ProtocolError:
-        return error_from_code(self.code, self.message, request_id=self.id)
+        return error_from_code(
+            self.code,
+            self.message,
+            request_id=self.id,
+            change=self.change,
+            current_seq=self.current_seq,
+        )
+
+    @classmethod
+    def of(cls, error: ProtocolError, request_id: RequestId = None) -> ErrorFrame:
+        """The frame of an error (with its request's id, if it has one)."""
+        if isinstance(error, Conflict):
+            return cls(
+                error.code,
+                error.message,
+                request_id,
+                change=error.change,
+                current_seq=error.current_seq,
+            )
+        return cls(error.code, error.message, request_id)
 
 
 class Bye(msgspec.Struct, tag_field="type", tag="bye"):
@@ -246,7 +272,7 @@ def skippable(line: bytes) -> bool:
 
 
 def encode_error(error: ProtocolError) -> bytes:
-    return encode(ErrorFrame(error.code, error.message, error.request_id))
+    return encode(ErrorFrame.of(error, error.request_id))
 
 
 # -- the hot path -----------------------------------------------------------------

@@ -8,8 +8,8 @@ defined in ``frames.py``. Section numbers (§) refer to ``docs/protocol.md``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any, Final, TypeAlias
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Annotated, Any, Final, NamedTuple, TypeAlias
 
 import msgspec
 
@@ -26,7 +26,9 @@ __all__ = [
     "PROTOCOL_VERSION",
     "AuthRequest",
     "Change",
+    "Conditions",
     "PingRequest",
+    "Prepared",
     "PreparedChange",
     "PublishRequest",
     "Request",
@@ -34,11 +36,14 @@ __all__ = [
     "StatsRequest",
     "SubscribeRequest",
     "SyncRequest",
+    "check_idempotency_key",
+    "conditions_of",
     "op_of",
     "parse_publish_body",
     "parse_request",
     "prepare_change",
     "prepare_changes",
+    "prepare_publish",
     "validate_collections",
 ]
 
@@ -49,6 +54,12 @@ MAX_INTERVAL: Final = 60.0
 # §9: limits of the state model.
 COLLECTION_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 MAX_KEY_LENGTH: Final = 1024
+# §3.3: an idempotency key is 1 to 256 characters; if_seq is a seq (0: must not exist).
+MAX_IDEMPOTENCY_KEY: Final = 256
+IdempotencyKey: TypeAlias = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_IDEMPOTENCY_KEY)
+]
+IfSeq: TypeAlias = Annotated[int, msgspec.Meta(ge=0)]
 
 
 # ---------------------------------------------------------------------------
@@ -63,6 +74,7 @@ class ChangeIn(msgspec.Struct, forbid_unknown_fields=False):
     # line was parsed) and is forwarded without being decoded and encoded again.
     value: msgspec.Raw = msgspec.Raw()
     delete: bool = False
+    if_seq: IfSeq | None = None  # §3.3 precondition
 
 
 class SyncRequest(msgspec.Struct, tag_field="op", tag="sync"):
@@ -91,6 +103,7 @@ class PublishRequest(msgspec.Struct, tag_field="op", tag="publish"):
 
     changes: list[ChangeIn]
     id: RequestId = None
+    idempotency_key: IdempotencyKey | None = None  # §3.3
 
 
 class AuthRequest(msgspec.Struct, tag_field="op", tag="auth"):
@@ -233,6 +246,7 @@ class PublishBody(msgspec.Struct):
     changes: list[ChangeIn]
     id: RequestId = None
     op: str = "publish"
+    idempotency_key: IdempotencyKey | None = None
 
 
 _publish_body_decoder = msgspec.json.Decoder(PublishBody)
@@ -248,7 +262,7 @@ def parse_publish_body(body: bytes) -> PublishRequest:
     _check_utf8(body, req)
     if req.op != "publish":
         raise BadRequest(f"'op' must be 'publish' here, not {req.op!r}")
-    return PublishRequest(changes=req.changes, id=req.id)
+    return PublishRequest(changes=req.changes, id=req.id, idempotency_key=req.idempotency_key)
 
 
 def validate_collections(names: Iterable[str], rid: RequestId = None) -> frozenset[str]:
@@ -279,6 +293,83 @@ class Change(msgspec.Struct, frozen=True):
     key: str
     value: Any = None
     delete: bool = False
+    if_seq: int | None = None  # §3.3: the record's last-written seq must be this (0: absent)
+
+
+# §3.3 preconditions of a batch: (the change's index, the seq its record must be at).
+Conditions: TypeAlias = list[tuple[int, int]]
+
+
+def conditions_of(
+    changes: Sequence[ChangeIn] | Sequence[Change | Mapping[str, Any]],
+    rid: RequestId = None,
+) -> Conditions | None:
+    """The ``if_seq`` preconditions of a batch, or None when it has none; raises
+    BadRequest for one that is not a seq >= 0 (the embedding API: the wire's are
+    typed by msgspec already) or that makes no sense: ``if_seq: 0`` (must not exist)
+    on a delete."""
+    out: Conditions | None = None
+    for i, c in enumerate(changes):
+        if isinstance(c, Mapping):
+            if_seq, delete = c.get("if_seq"), bool(c.get("delete", False))
+        else:
+            if_seq, delete = c.if_seq, c.delete
+        if if_seq is None:
+            continue
+        if type(if_seq) is not int or if_seq < 0:
+            raise BadRequest(
+                f"changes[{i}].if_seq: must be a seq, an integer >= 0, not {if_seq!r}"[:300],
+                request_id=rid,
+            )
+        if delete and if_seq == 0:
+            raise BadRequest(
+                f"changes[{i}].if_seq: 0 means the record must not exist, and this change "
+                "deletes it: give the seq of the record it deletes",
+                request_id=rid,
+            )
+        if out is None:
+            out = []
+        out.append((i, if_seq))
+    return out
+
+
+class Prepared(NamedTuple):
+    """A validated batch (§3.3), with its preconditions and its idempotency key."""
+
+    batch: list[PreparedChange]
+    conditions: Conditions | None = None
+    key: str | None = None
+
+
+def check_idempotency_key(key: object, rid: RequestId = None) -> str:
+    """§3.3: 1 to 256 characters of valid Unicode text (the wire's are typed by msgspec
+    already; lone surrogates are looked for here)."""
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        shown = repr(key)[:60]
+        raise BadRequest(
+            f"idempotency_key: must be a string of 1 to {MAX_IDEMPOTENCY_KEY} characters, "
+            f"not {shown}",
+            request_id=rid,
+        )
+    if not check_text(key):
+        raise BadRequest(
+            "idempotency_key: not valid Unicode text (a lone surrogate)", request_id=rid
+        )
+    return key
+
+
+def prepare_publish(
+    changes: Iterable[Change | Mapping[str, Any]] | Change | Mapping[str, Any],
+    *,
+    idempotency_key: str | None = None,
+) -> Prepared:
+    """The embedding API's publish: the batch, its ``if_seq`` conditions, its key."""
+    if isinstance(changes, Change | Mapping):
+        changes = [changes]
+    listed = list(changes)
+    batch = prepare_changes(listed)
+    key = None if idempotency_key is None else check_idempotency_key(idempotency_key)
+    return Prepared(batch, conditions_of(listed), key)
 
 
 def _check_target(collection: object, key: object, where: str) -> None:

@@ -29,7 +29,7 @@ import msgspec
 from msgspec import UNSET
 from msgspec.json import encode as _encode_json
 
-from statecast.core.engine import Engine
+from statecast.core.engine import Duplicate, Engine
 from statecast.core.fanout import Subscriber
 from statecast.core.filters import Where, conjoin, parse_where
 from statecast.core.frames import (
@@ -54,11 +54,13 @@ from statecast.core.policy import ALL, Grant
 from statecast.core.protocol import (
     AuthRequest,
     PingRequest,
-    PreparedChange,
+    Prepared,
     PublishRequest,
     StatsRequest,
     SubscribeRequest,
     SyncRequest,
+    check_idempotency_key,
+    conditions_of,
     op_of,
     parse_request,
     prepare_changes,
@@ -167,10 +169,11 @@ class Limits:
 
 def admit_publish(
     request: PublishRequest, grant: Grant, limits: Limits, engine: Engine, *, plain: bool = False
-) -> list[PreparedChange]:
-    """§3.3, §3.8, §9: a publish's batch, once the grant allows every collection it
-    writes and it is within the limits; raises (nothing applied) otherwise. Every
-    transport's publish goes through here."""
+) -> Prepared:
+    """§3.3, §3.8, §9: a publish's batch (with its if_seq conditions and idempotency
+    key), once the grant allows every collection it writes and it is within the
+    limits; raises (nothing applied) otherwise. Every transport's publish goes
+    through here."""
     rid = request.id
     if limits.max_changes is not None and len(request.changes) > limits.max_changes:
         engine.limit_hits["max_changes"] += 1
@@ -190,7 +193,10 @@ def admit_publish(
                     f"changes[{i}]: a value of {len(value)} bytes: at most {limits.max_value}",
                     request_id=rid,
                 )
-    return batch
+    key = request.idempotency_key
+    if key is not None and not key.isascii():
+        check_idempotency_key(key, rid)  # a lone surrogate (msgspec checked the rest)
+    return Prepared(batch, conditions_of(request.changes, rid), key)
 
 
 def view_of(
@@ -674,7 +680,7 @@ class Session:
         """§3.3: the ack comes once the store has committed the batch."""
         rid = request.id
         assert self.grant is not None
-        batch = admit_publish(request, self.grant, self._limits, self._engine, plain=plain)
+        prepared = admit_publish(request, self.grant, self._limits, self._engine, plain=plain)
 
         def done(result: int | ProtocolError) -> None:
             self.acks_pending -= 1
@@ -683,7 +689,7 @@ class Session:
             if self.closed or self.closing:
                 return
             if isinstance(result, int):
-                self._out.append(encode(Ack(result, rid)))
+                self._out.append(encode(Ack(int(result), rid, isinstance(result, Duplicate))))
             else:
                 result.request_id = rid
                 self._error(result)
@@ -692,7 +698,9 @@ class Session:
         self.acks_pending += 1
         if self._inflight is not None:
             self._inflight.take()
-        self._engine.publish(batch, done)
+        self._engine.publish(
+            prepared.batch, done, conditions=prepared.conditions, key=prepared.key, rid=rid
+        )
 
     def _sync(self, request: SyncRequest) -> None:
         """§3.1: snapshot_begin, records, snapshot_end, then (live) changes > S."""

@@ -14,11 +14,21 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, TypeAlias, runtime_checkable
 
 from statecast.core.changelog import ChangeLog
+from statecast.core.dedupe import KeyRecord
 from statecast.core.protocol import PreparedChange
 from statecast.core.state import Record, State
 from statecast.errors import ProtocolError
 
-__all__ = ["Committed", "Install", "Position", "SourceStore", "Store", "ToLoop", "new_epoch"]
+__all__ = [
+    "Committed",
+    "Install",
+    "KeyStamp",
+    "Position",
+    "SourceStore",
+    "Store",
+    "ToLoop",
+    "new_epoch",
+]
 
 # Called on the loop thread, in publish order, once a batch is committed (records,
 # None) or has failed (None, error).
@@ -33,6 +43,9 @@ Position: TypeAlias = tuple[str, str]
 # Installs a batch that was committed without a submit of this process (another node
 # of a cluster wrote it, §5.3 still holds: whole batches, in seq order). Loop thread.
 Install = Callable[[list[Record]], None]
+# A publish's idempotency key (§3.3) and when it was submitted (seconds since the
+# epoch): a durable store commits it with the batch, with the batch's last seq.
+KeyStamp: TypeAlias = tuple[str, float]
 
 
 def new_epoch() -> str:
@@ -44,6 +57,12 @@ class Store(Protocol):
     log: ChangeLog
     epoch: str
     description: str  # for people: "memory", "sqlite:/var/lib/statecast/statecast.db"
+    # Whether submit() calls ``done`` before it returns (the memory store): then no
+    # batch is ever waiting for its commit, which the engine's preconditions rely on.
+    commits_at_once: bool
+    # Whether every batch that changes the state goes through this process's submit(),
+    # so that the engine can check §3.3 if_seq exactly (not a cluster store).
+    checks_preconditions: bool
 
     @property
     def ready(self) -> bool:
@@ -58,9 +77,16 @@ class Store(Protocol):
         may be committed elsewhere hands them to ``install``, in seq order; the others
         never call it."""
 
-    def submit(self, batch: Sequence[PreparedChange], done: Committed) -> None:
+    def submit(
+        self, batch: Sequence[PreparedChange], done: Committed, key: KeyStamp | None = None
+    ) -> None:
         """Commit one validated batch (loop thread). ``done`` is called on the loop
-        thread, in submission order; the caller then installs the records."""
+        thread, in submission order; the caller then installs the records. ``key``
+        (§3.3) is committed with the batch: both or neither."""
+
+    def idempotency_keys(self) -> list[KeyRecord]:
+        """The idempotency keys committed with batches and kept (oldest first), loaded
+        by ``open()``; the engine remembers them (core/dedupe.py)."""
 
     def flush(self, done: Callable[[], None]) -> None:
         """Call ``done`` on the loop thread once every batch submitted so far is done."""

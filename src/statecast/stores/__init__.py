@@ -35,4 +35,5 @@ def open_store(config: Config) -> Store:
         retain=config.retain,
         synchronous=config.sqlite_synchronous,
         busy_timeout=config.sqlite_busy_timeout,
+        dedupe_window=config.dedupe_window,
     )

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from statecast.core.changelog import ChangeLog
+from statecast.core.dedupe import KeyRecord
 from statecast.core.protocol import PreparedChange
 from statecast.core.state import State, encode_batch
-from statecast.core.store import Committed, Install, Position, ToLoop, new_epoch
+from statecast.core.store import Committed, Install, KeyStamp, Position, ToLoop, new_epoch
 
 __all__ = ["MemoryStore"]
 
@@ -16,6 +17,8 @@ class MemoryStore:
     """State and log in memory only. A new process is a new history: a new epoch."""
 
     description = "memory"
+    commits_at_once = True
+    checks_preconditions = True
 
     def __init__(self, retain: int) -> None:
         self.retain = retain
@@ -32,8 +35,14 @@ class MemoryStore:
     def open(self, to_loop: ToLoop) -> None:
         pass
 
-    def submit(self, batch: Sequence[PreparedChange], done: Committed) -> None:
+    def submit(
+        self, batch: Sequence[PreparedChange], done: Committed, key: KeyStamp | None = None
+    ) -> None:
+        # (The engine remembers the key; nothing outlives the process here.)
         done(encode_batch(batch, self.state.seq + 1), None)
+
+    def idempotency_keys(self) -> list[KeyRecord]:
+        return []
 
     def submit_source(
         self, batch: Sequence[PreparedChange], done: Committed, position: Position

@@ -47,9 +47,10 @@ from nats.aio.msg import Msg
 
 from statecast.config import Config
 from statecast.core.changelog import ChangeLog
+from statecast.core.dedupe import KeyRecord
 from statecast.core.protocol import PreparedChange
 from statecast.core.state import Record, State, encode_batch
-from statecast.core.store import Committed, Install, ToLoop
+from statecast.core.store import Committed, Install, KeyStamp, ToLoop
 from statecast.errors import (
     BadRequest,
     InternalError,
@@ -266,7 +267,17 @@ class NatsStore:
         self._tasks.append(loop.create_task(self._run(), name="statecast-nats"))
         self._tasks.append(loop.create_task(self._publisher(), name="statecast-nats-publisher"))
 
-    def submit(self, batch: Sequence[PreparedChange], done: Committed) -> None:
+    commits_at_once = False
+    # Batches of other nodes are installed here without this node deciding them: an
+    # if_seq cannot be checked exactly (docs/cluster.md), so it is refused.
+    checks_preconditions = False
+
+    def idempotency_keys(self) -> list[KeyRecord]:
+        return []  # docs/cluster.md: keys are remembered by the node that took them
+
+    def submit(
+        self, batch: Sequence[PreparedChange], done: Committed, key: KeyStamp | None = None
+    ) -> None:
         self._submitted += 1
         reason = self._unavailable()
         if reason is not None and not self._queue and self._inflight is None:

@@ -20,7 +20,7 @@ to a power cut is only done again. Trimming never deletes a log row that is not
 folded yet, and a start loads ``records`` (the state at ``folded_seq``) and replays
 the log rows after it, which are then folded in the background.
 
-Schema (version 3; see MIGRATIONS for what versions 1 and 2 lacked)::
+Schema (version 4; see MIGRATIONS for what versions 1 to 3 lacked)::
 
     statecast_meta(key PRIMARY KEY, value)   format, schema_version, epoch, seq,
                                              folded_seq, source_position (a JSON
@@ -28,6 +28,9 @@ Schema (version 3; see MIGRATIONS for what versions 1 and 2 lacked)::
     records(collection, key, seq, line)      the state at folded_seq: one row per live record
     changes(first_seq PRIMARY KEY, last_seq, body)   the log, one row per commit: every
                                              change after folded_seq, and the retained ones
+    idempotency_keys(key PRIMARY KEY, seq, at)       §3.3: the key of a batch, written by
+                                             the commit that writes the batch (its last
+                                             seq, when), kept for the dedupe window
 
 ``line`` is the encoded frame (§4.1 ``record`` for upserts, §4.2 ``change`` for
 deletes), so loading needs no JSON work at all. A ``changes`` row holds every change
@@ -58,10 +61,11 @@ from msgspec import UNSET
 
 from statecast._version import __version__
 from statecast.core.changelog import ChangeLog
+from statecast.core.dedupe import DEFAULT_KEEP, DEFAULT_WINDOW, KeyRecord
 from statecast.core.frames import DELETE_LINE, RECORD_LINE
 from statecast.core.protocol import COLLECTION_RE, PreparedChange
 from statecast.core.state import Record, State, encode_batch
-from statecast.core.store import Committed, Install, Position, ToLoop, new_epoch
+from statecast.core.store import Committed, Install, KeyStamp, Position, ToLoop, new_epoch
 from statecast.core.values import MAX_DEPTH, InvalidValue, canonical_value
 from statecast.errors import InternalError, StoreError, Unavailable
 
@@ -69,7 +73,7 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 log = logging.getLogger("statecast.stores.sqlite")
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 FORMAT: Final = "statecast"
 
 _SCHEMA: Final = """
@@ -86,7 +90,10 @@ CREATE TABLE changes (
     last_seq INTEGER NOT NULL,
     body BLOB NOT NULL
 );
+CREATE TABLE idempotency_keys (key TEXT PRIMARY KEY, seq INTEGER NOT NULL, at REAL NOT NULL);
 """
+_KEYS_TABLE: Final = _SCHEMA[_SCHEMA.index("CREATE TABLE idempotency_keys") :].rstrip(";\n ")
+_KEY: Final = "INSERT OR REPLACE INTO idempotency_keys (key, seq, at) VALUES (?, ?, ?)"
 
 _UPSERT: Final = (
     "INSERT INTO records (collection, key, seq, line) VALUES (?, ?, ?, ?) "
@@ -549,23 +556,34 @@ def _folded_seq(conn: sqlite3.Connection) -> None:
     )
 
 
+def _idempotency_keys(conn: sqlite3.Connection) -> None:
+    """Migration 3 -> 4: the table of idempotency keys (§3.3), empty."""
+    conn.execute(_KEYS_TABLE)
+
+
 # Migrations from version N to N + 1, run in order inside one transaction when an
 # older database is opened.
 MIGRATIONS: Final[dict[int, Callable[[sqlite3.Connection], None]]] = {
     1: lambda conn: _CanonicalValues(conn)(),
     2: _folded_seq,
+    3: _idempotency_keys,
 }
 
 
 class _Batch:
-    __slots__ = ("batch", "done", "position", "records")
+    __slots__ = ("batch", "done", "key", "position", "records")
 
     def __init__(
-        self, batch: Sequence[PreparedChange], done: Committed, position: Position | None = None
+        self,
+        batch: Sequence[PreparedChange],
+        done: Committed,
+        position: Position | None = None,
+        key: KeyStamp | None = None,
     ) -> None:
         self.batch = batch
         self.done = done
         self.position = position  # committed with the batch (submit_source)
+        self.key = key  # §3.3, committed with the batch
         self.records: list[Record] | None = None
 
 
@@ -607,8 +625,16 @@ class SQLiteStore:
         retain: int,
         synchronous: str = "full",
         busy_timeout: float = 2.0,
+        dedupe_window: float = DEFAULT_WINDOW,
+        dedupe_keep: int = DEFAULT_KEEP,
     ) -> None:
         self.path = Path(path)
+        # §3.3: idempotency keys are kept on disk as long as the engine remembers them
+        # (core/dedupe.py), and trimmed with the log.
+        self.dedupe_window = dedupe_window
+        self.dedupe_keep = dedupe_keep
+        self._keys: list[KeyRecord] = []  # loaded by open(), for the engine
+        self._keys_at = 0.0  # when the writer last trimmed the keys
         self.description = f"sqlite:{self.path}"
         self.retain = retain
         self.synchronous = synchronous.upper()
@@ -645,6 +671,12 @@ class SQLiteStore:
 
     # -- opening ---------------------------------------------------------------
     ready = True  # everything it holds is loaded by open()
+    commits_at_once = False  # a batch waits for the writer thread's commit
+    checks_preconditions = True
+
+    def idempotency_keys(self) -> list[KeyRecord]:
+        keys, self._keys = self._keys, []  # handed over once: the engine keeps them
+        return keys
 
     def start(self, install: Install) -> None:
         pass  # every batch is committed through submit()
@@ -875,9 +907,22 @@ class SQLiteStore:
             )
         changelog.unknown_until = seq
         self.log = changelog
+        self._keys = self._load_keys(conn)
         self._committed = seq
         self._folded = folded
         self.replayed = replayed
+
+    def _load_keys(self, conn: sqlite3.Connection) -> list[KeyRecord]:
+        """The idempotency keys the engine must remember (core/dedupe.py): those of the
+        window, and at least the ``dedupe_keep`` newest; oldest first."""
+        horizon = time.time() - self.dedupe_window
+        rows = conn.execute(
+            "SELECT key, seq, at FROM idempotency_keys WHERE at >= ? OR seq >= coalesce(("
+            "SELECT seq FROM idempotency_keys ORDER BY seq DESC LIMIT 1 OFFSET ?), 0) "
+            "ORDER BY seq",
+            (horizon, self.dedupe_keep - 1),
+        ).fetchall()
+        return [(str(k), int(s), float(a)) for k, s, a in rows]
 
     def _positions_of(self, text: str | None) -> dict[str, str]:
         if text is None:
@@ -928,8 +973,10 @@ class SQLiteStore:
             raise StoreError(f"{self.path} is damaged: {exc}") from None
 
     # -- loop thread interface -----------------------------------------------------
-    def submit(self, batch: Sequence[PreparedChange], done: Committed) -> None:
-        self._queue.put(_Batch(batch, done))
+    def submit(
+        self, batch: Sequence[PreparedChange], done: Committed, key: KeyStamp | None = None
+    ) -> None:
+        self._queue.put(_Batch(batch, done, None, key))
 
     def submit_source(
         self, batch: Sequence[PreparedChange], done: Committed, position: Position
@@ -957,6 +1004,7 @@ class SQLiteStore:
         try:
             conn.execute("DELETE FROM records")
             conn.execute("DELETE FROM changes")
+            conn.execute("DELETE FROM idempotency_keys")
             conn.executemany(
                 "UPDATE statecast_meta SET value=? WHERE key=?",
                 [("0", "seq"), ("0", "folded_seq"), (epoch, "epoch")],
@@ -979,6 +1027,7 @@ class SQLiteStore:
         self.epoch = epoch
         self.positions = {}
         self._disk_positions = {}
+        self._keys = []
         self._committed = self._folded = 0
         self._oldest_change = 1
         self._fold_row = None
@@ -1109,17 +1158,7 @@ class SQLiteStore:
     def _commit(self, group: list[_Batch]) -> None:
         if not group:
             return
-        seq = self._committed
-        lines: list[bytes] = []
-        positions: dict[str, str] | None = None
-        for job in group:
-            job.records = encode_batch(job.batch, seq + 1)
-            seq += len(job.records)
-            lines += [r.line for r in job.records]
-            if job.position is not None:
-                if positions is None:
-                    positions = dict(self._disk_positions)
-                positions[job.position[0]] = job.position[1]
+        seq, lines, keys, positions = self._encode(group)
         try:
             conn = self._connection()
             # The log only: the records table is brought up to date by the fold.
@@ -1128,6 +1167,8 @@ class SQLiteStore:
                 if lines:  # (only a source's batch may be empty: its position alone)
                     conn.execute(_LOG, (self._committed + 1, seq, b"".join(lines)))
                     conn.execute("UPDATE statecast_meta SET value=? WHERE key='seq'", (str(seq),))
+                if keys:
+                    conn.executemany(_KEY, keys)
                 if positions is not None:
                     conn.execute(
                         "INSERT INTO statecast_meta (key, value) VALUES (?, ?) "
@@ -1168,6 +1209,28 @@ class SQLiteStore:
                 job.done(job.records, None)
 
         self._post(deliver)
+
+    def _encode(
+        self, group: list[_Batch]
+    ) -> tuple[int, list[bytes], list[tuple[str, int, float]], dict[str, str] | None]:
+        """A group's seqs and frame lines (the records go to each job), what it commits
+        beside them: idempotency keys (key, the batch's last seq, when) and the source
+        positions after it (None: unchanged); and the group's last seq."""
+        seq = self._committed
+        lines: list[bytes] = []
+        positions: dict[str, str] | None = None
+        keys: list[tuple[str, int, float]] = []
+        for job in group:
+            job.records = encode_batch(job.batch, seq + 1)
+            seq += len(job.records)
+            lines += [r.line for r in job.records]
+            if job.key is not None:
+                keys.append((job.key[0], seq, job.key[1]))
+            if job.position is not None:
+                if positions is None:
+                    positions = dict(self._disk_positions)
+                positions[job.position[0]] = job.position[1]
+        return seq, lines, keys, positions
 
     def _failed(self, exc: sqlite3.Error, group: list[_Batch]) -> None:
         reason = str(exc)
@@ -1311,9 +1374,26 @@ class SQLiteStore:
         self._fold_row = rows[-1] if rows and rows[-1][0] + len(rows[-1][1]) - 1 > last else None
         return rows
 
+    def _trim_keys(self) -> None:
+        """Drop the idempotency keys the engine has forgotten (past the window, beyond
+        the ``dedupe_keep`` newest), at most once a second, between commits."""
+        now = time.time()
+        if now - self._keys_at < 1.0:
+            return
+        self._keys_at = now
+        try:
+            self._connection().execute(
+                "DELETE FROM idempotency_keys WHERE at < ? AND seq < coalesce(("
+                "SELECT seq FROM idempotency_keys ORDER BY seq DESC LIMIT 1 OFFSET ?), 0)",
+                (now - self.dedupe_window, self.dedupe_keep - 1),
+            )
+        except sqlite3.Error as exc:
+            log.debug("trimming the idempotency keys of %s failed: %s", self.path, exc)
+
     def _trim(self) -> None:
         """Keep about ``retain`` changes on disk: drop whole commit segments that
         hold only older changes, and are folded, a few at a time between commits."""
+        self._trim_keys()
         # Only changes that are folded: the others are the records table's to come.
         keep_from = min(self._committed - self.retain + 1, self._folded + 1)
         slack = max(1000, self.retain // 10)

@@ -18,7 +18,7 @@ from statecast.config import Config
 from statecast.core.engine import Engine
 from statecast.core.fanout import Subscriber
 from statecast.core.policy import Grant
-from statecast.core.protocol import PreparedChange
+from statecast.core.protocol import Prepared, PreparedChange
 from statecast.core.session import Authenticator, Limits, Session
 from statecast.errors import ProtocolError
 
@@ -117,5 +117,8 @@ class Host(Protocol):
     def on_engine(self, callback: Callable[[Engine], object]) -> None:
         """Call ``callback(engine)`` once the engine exists (now, if it does)."""
 
-    async def apublish_prepared(self, batch: list[PreparedChange]) -> int | ProtocolError:
-        """Publish a validated batch on the loop; the seq, or the error (not raised)."""
+    async def apublish_prepared(
+        self, batch: list[PreparedChange] | Prepared
+    ) -> int | ProtocolError:
+        """Publish a validated batch on the loop; the seq (a ``Duplicate`` for a key
+        seen before, §3.3), or the error (not raised)."""

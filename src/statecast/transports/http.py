@@ -19,6 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from statecast.core.engine import Duplicate
 from statecast.core.filters import parse_where
 from statecast.core.frames import Ack, ErrorFrame, SnapshotEnd, encode, encode_error
 from statecast.core.policy import Grant
@@ -52,7 +53,7 @@ _STATIC = {
 def error_response(exc: ProtocolError) -> web.Response:
     """§6 error frame as the body, with the error class's HTTP status."""
     return web.Response(
-        body=msgspec.json.encode(ErrorFrame(exc.code, exc.message)),
+        body=msgspec.json.encode(ErrorFrame.of(exc)),
         status=exc.status,
         content_type="application/json",
     )
@@ -165,7 +166,7 @@ class _Handlers:
             grant = self.grant_of(request, required=True)
             assert grant is not None
             body = await request.read()
-            batch = admit_publish(
+            prepared = admit_publish(
                 parse_publish_body(body), grant, self.host.limits, self.host.engine
             )
         except web.HTTPRequestEntityTooLarge:
@@ -174,10 +175,11 @@ class _Handlers:
             )
         except ProtocolError as exc:
             return error_response(exc)
-        result = await self.host.apublish_prepared(batch)
+        result = await self.host.apublish_prepared(prepared)
         if isinstance(result, ProtocolError):
             return error_response(result)
-        return web.Response(body=msgspec.json.encode(Ack(result)), content_type="application/json")
+        ack = Ack(int(result), duplicate=isinstance(result, Duplicate))
+        return web.Response(body=msgspec.json.encode(ack), content_type="application/json")
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
