@@ -1203,6 +1203,14 @@ def test_kill9_resumes_from_the_slot_under_the_same_epoch(db: Db, tmp_path: Path
             # Every transaction once, in order, across the kill.
             assert counters == list(range(counters[0], last + 1))
             assert seq <= client.hello["seq"]
+            # And the copy ends equal to the tables.
+            client.send({"op": "sync", "collections": ["orders", "counters"]})
+            frames = client.read_until("snapshot_end")
+        synced: dict[str, dict[str, Any]] = {"orders": {}, "counters": {}}
+        for f in frames:
+            if f["type"] == "record":
+                synced[f["collection"]][f["key"]] = f["value"]
+        assert synced == {t: db.rows(t, by_id) for t in ("orders", "counters")}
     finally:
         proc.stop(signal.SIGTERM)
 
