@@ -29,9 +29,8 @@ def guarded(w: Workload) -> Workload:
     for n, line in enumerate(w.statecast):
         assert line.startswith(b'{"op":"publish","changes":[')
         body = line.replace(b'"value":', b'"if_seq":0,"value":')
-        requests.append(
-            body.replace(b'{"op":"publish",', b'{"op":"publish","idempotency_key":"bench-%d",' % n, 1)
-        )
+        keyed = b'{"op":"publish","idempotency_key":"bench-%d",' % n
+        requests.append(body.replace(b'{"op":"publish",', keyed, 1))
     return Workload(w.changes, w.batch, requests, w.redis)
 
 

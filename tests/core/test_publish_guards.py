@@ -19,6 +19,7 @@ from statecast.core.dedupe import Dedupe
 from statecast.core.engine import Duplicate, Engine
 from statecast.core.protocol import (
     Change,
+    Conditions,
     PreparedChange,
     conditions_of,
     parse_publish_body,
@@ -51,7 +52,11 @@ class LaterStore(MemoryStore):
         self.keys_committed: list[KeyStamp] = []
 
     def submit(
-        self, batch: Sequence[PreparedChange], done: Committed, key: KeyStamp | None = None
+        self,
+        batch: Sequence[PreparedChange],
+        done: Committed,
+        key: KeyStamp | None = None,
+        conditions: Conditions | None = None,
     ) -> None:
         self.held.append((batch, done, key))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from statecast.core.engine import Engine
-from statecast.core.protocol import PreparedChange
+from statecast.core.protocol import Conditions, PreparedChange
 from statecast.core.session import SLICE_BYTES, SLICE_LINES, InflightBudget, Limits
 from statecast.core.store import Committed, KeyStamp
 from statecast.stores.memory import MemoryStore
@@ -50,10 +50,14 @@ class HeldStore(MemoryStore):
         self.held: list[tuple[Sequence[PreparedChange], Committed]] = []
 
     commits_at_once = False
-    checks_preconditions = True
+    decides_at_commit = False
 
     def submit(
-        self, batch: Sequence[PreparedChange], done: Committed, key: KeyStamp | None = None
+        self,
+        batch: Sequence[PreparedChange],
+        done: Committed,
+        key: KeyStamp | None = None,
+        conditions: Conditions | None = None,
     ) -> None:
         self.held.append((batch, done))
 

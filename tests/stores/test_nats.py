@@ -21,6 +21,8 @@ import statecast
 import statecast.loops
 import statecast.stores.nats
 from statecast import Change, Server
+from statecast.core.engine import Duplicate
+from statecast.errors import Conflict
 from statecast.stores.nats import NatsStore
 from tests.helpers import TIMEOUT, LineClient, ServeProcess, free_port, wait_for
 from tests.stores.natsserver import BlockingProxy, NatsCluster, NatsServer
@@ -265,6 +267,62 @@ def test_publish_race_on_one_key(nodes: Nodes) -> None:
         assert state == {("k", "same"): (last, acks[last])}
         log = changes_after(srv.port, 0, last)
         assert [f["value"] for f in log] == [acks[s] for s in range(1, last + 1)]
+
+
+def test_idempotency_keys_hold_across_nodes(nodes: Nodes) -> None:
+    """§3.3.1: a batch retried on another node under its key is not applied again,
+    however soon: the nodes decide keys when a message is sent after the last one."""
+    a = nodes.start()
+    b = nodes.start()
+    seqs = []
+    for i in range(40):
+        fill = [Change("executions", f"E-{i}", {"qty": i}), Change("positions", "P", {"n": i})]
+        first = a.publish(fill, idempotency_key=f"fill-{i}")
+        again = b.publish(fill, idempotency_key=f"fill-{i}")  # at once, on the other node
+        assert again == first
+        assert isinstance(again, Duplicate)
+        assert not isinstance(first, Duplicate)
+        seqs.append(first)
+    assert seqs == list(range(2, 81, 2))  # every batch once
+    wait_seq([a, b], 80)
+    # Known to a node started later too (it reads the keys with the log).
+    c = nodes.start()
+    wait_seq([c], 80)
+    assert c.publish([Change("positions", "P", {"n": 0})], idempotency_key="fill-0") == 2
+    assert all(s.seq == 80 for s in (a, b, c))
+
+
+def test_racing_if_seq_increments_across_nodes_lose_nothing(nodes: Nodes) -> None:
+    """§3.3.2: read-modify-write on one record from two nodes: every acknowledged
+    increment is in the final value, and every refused one was a conflict."""
+    a = nodes.start()
+    b = nodes.start()
+    a.publish([Change("counters", "n", 0)])
+    wait_seq([a, b], 1)
+    acked = {"a": 0, "b": 0}
+    refused: list[tuple[int, int | None]] = []  # (the seq read, the current seq said)
+
+    def writer(srv: Server, name: str) -> Callable[[], None]:
+        def run() -> None:
+            while acked[name] < 40:
+                _, _, state = sync_state(srv.port)
+                rec_seq, value = state[("counters", "n")]
+                try:
+                    srv.publish([Change("counters", "n", value + 1, if_seq=rec_seq)])
+                except Conflict as exc:
+                    refused.append((rec_seq, exc.current_seq))
+                else:
+                    acked[name] += 1
+
+        return run
+
+    run_threads(writer(a, "a"), writer(b, "b"))
+    assert all(now is not None and now > read for read, now in refused)
+    wait_seq([a, b], 81)
+    for srv in (a, b):
+        seq, _, state = sync_state(srv.port)
+        assert state[("counters", "n")] == (81, 80)  # 80 increments, one seq each
+        assert seq == 81
 
 
 def test_a_slow_node_catches_up(nodes: Nodes) -> None:

@@ -217,14 +217,15 @@ def test_http_publish_takes_keys_and_preconditions(http_server: Any) -> None:
     assert status == 409
     assert answer["code"] == "conflict"
     assert (answer["change"], answer["current_seq"]) == (0, 1)
-    for bad, field in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"idempotency_key": "x" * 300, "changes": [change]}, "idempotency_key"),
         ({"changes": [{**change, "if_seq": -2}]}, "if_seq"),
         (
             {"changes": [{"collection": "orders", "key": "O-1", "delete": True, "if_seq": 0}]},
             "if_seq",
         ),
-    ]:
+    ]
+    for bad, field in cases:
         status, answer = http_post(port, bad)
         assert status == 400
         assert answer["code"] == "bad_request"

@@ -14,10 +14,10 @@ from typing import cast
 from statecast.core.dedupe import DEFAULT_KEEP, DEFAULT_WINDOW, Dedupe
 from statecast.core.fanout import Fanout
 from statecast.core.frames import RequestId
-from statecast.core.protocol import Conditions, PreparedChange
+from statecast.core.protocol import Conditions, PreparedChange, check_conditions
 from statecast.core.state import Record, Snapshot
-from statecast.core.store import Position, SourceStore, Store
-from statecast.errors import BadRequest, Conflict, Forbidden, ProtocolError
+from statecast.core.store import AlreadyApplied, Position, SourceStore, Store
+from statecast.errors import Conflict, Forbidden, ProtocolError
 
 __all__ = ["Duplicate", "Engine", "PublishDone"]
 
@@ -156,7 +156,7 @@ class Engine:
         """Whether nothing ``job`` is decided on is still being committed."""
         if job.key is not None and job.key in self._keys_committing:
             return False  # a retry: it waits for the outcome of the first
-        if job.conditions is not None:
+        if job.conditions is not None and not self.store.decides_at_commit:
             if not self._track:
                 self._track = True  # from now on, track what batches in flight write
             if self._untracked:
@@ -181,16 +181,7 @@ class Engine:
                 self.duplicates += 1
                 job.done(Duplicate(seq))
                 return
-        if job.conditions is not None:
-            if not self.store.checks_preconditions:
-                job.done(
-                    BadRequest(
-                        f"changes[{job.conditions[0][0]}].if_seq: the store "
-                        f"{self.store.description} cannot check preconditions (docs/cluster.md)",
-                        request_id=job.rid,
-                    )
-                )
-                return
+        if job.conditions is not None and not self.store.decides_at_commit:
             conflict = self._check(job.batch, job.conditions, job.rid)
             if conflict is not None:
                 self.conflicts += 1
@@ -220,9 +211,19 @@ class Engine:
             if key is not None:
                 self._keys_committing.discard(key)
             if records is None:
-                self.publishes_failed += 1
                 assert error is not None
-                done(error)
+                if isinstance(error, AlreadyApplied):  # decided by the store (a cluster)
+                    self.duplicates += 1
+                    if key is not None:
+                        self.dedupe.add(key, error.seq, now)
+                    done(Duplicate(error.seq))
+                elif isinstance(error, Conflict):
+                    self.conflicts += 1
+                    error.request_id = job.rid
+                    done(error)
+                else:
+                    self.publishes_failed += 1
+                    done(error)
             elif not records:  # a position alone
                 done(self.store.state.seq)
             else:
@@ -236,8 +237,8 @@ class Engine:
 
         if job.position is not None:
             cast(SourceStore, store).submit_source(batch, committed, job.position)
-        elif key is not None:
-            store.submit(batch, committed, (key, now))
+        elif key is not None or job.conditions is not None:
+            store.submit(batch, committed, None if key is None else (key, now), job.conditions)
         else:
             store.submit(batch, committed)
 
@@ -273,27 +274,14 @@ class Engine:
     def _check(
         self, batch: Sequence[PreparedChange], conditions: Conditions, rid: RequestId
     ) -> Conflict | None:
-        """§3.3: the first condition of a batch that does not hold, as the error."""
+        """§3.3.2: the first condition of a batch that does not hold, as the error."""
         get = self.store.state.get
-        for i, expected in conditions:
-            c = batch[i]
-            rec = get(c[0], c[1])
-            current = 0 if rec is None else rec.seq
-            if current != expected:
-                shown = c[1] if len(c[1]) <= 80 else c[1][:80] + "..."
-                if not expected:
-                    why = f"exists (at seq {current}), and if_seq 0 says it must not"
-                elif not current:
-                    why = f"does not exist, and if_seq says it is at seq {expected}"
-                else:
-                    why = f"is at seq {current}, not {expected} (if_seq)"
-                return Conflict(
-                    f"changes[{i}]: {c[0]}/{shown!r} {why}; nothing of the batch was applied",
-                    request_id=rid,
-                    change=i,
-                    current_seq=current,
-                )
-        return None
+
+        def seq_of(collection: str, key: str) -> int:
+            rec = get(collection, key)
+            return 0 if rec is None else rec.seq
+
+        return check_conditions(batch, conditions, seq_of, rid)
 
     def install(self, records: list[Record]) -> None:
         """A committed batch becomes part of the state and the log, and is queued for

@@ -8,7 +8,8 @@ defined in ``frames.py``. Section numbers (§) refer to ``docs/protocol.md``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from operator import attrgetter
 from typing import Annotated, Any, Final, NamedTuple, TypeAlias
 
 import msgspec
@@ -20,7 +21,7 @@ from statecast.core.values import (
     canonical_value,
     check_text,
 )
-from statecast.errors import BadRequest
+from statecast.errors import BadRequest, Conflict
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -36,6 +37,7 @@ __all__ = [
     "StatsRequest",
     "SubscribeRequest",
     "SyncRequest",
+    "check_conditions",
     "check_idempotency_key",
     "conditions_of",
     "op_of",
@@ -67,7 +69,10 @@ IfSeq: TypeAlias = Annotated[int, msgspec.Meta(ge=0)]
 # so clients may add fields freely.
 
 
-class ChangeIn(msgspec.Struct, forbid_unknown_fields=False):
+class ChangeIn(msgspec.Struct, forbid_unknown_fields=False, gc=False):
+    # gc=False: a publish line decodes to a thousand of these, which the cyclic
+    # collector would otherwise track and scan; they hold only strings, a Raw, a bool
+    # and an int, so they can never be part of a cycle.
     collection: str
     key: str
     # The raw JSON text of the value is kept as it came: it is valid JSON (the whole
@@ -308,6 +313,12 @@ def conditions_of(
     BadRequest for one that is not a seq >= 0 (the embedding API: the wire's are
     typed by msgspec already) or that makes no sense: ``if_seq: 0`` (must not exist)
     on a delete."""
+    if changes and type(changes[0]) is ChangeIn:
+        # The wire's changes, typed by msgspec: one pass at C speed over their if_seq
+        # finds the usual batch without any (this runs for every publish).
+        if_seqs = list(map(_if_seq_of, changes))
+        if if_seqs.count(None) == len(if_seqs):
+            return None
     out: Conditions | None = None
     for i, c in enumerate(changes):
         if isinstance(c, Mapping):
@@ -331,6 +342,35 @@ def conditions_of(
             out = []
         out.append((i, if_seq))
     return out
+
+
+def check_conditions(
+    batch: Sequence[PreparedChange],
+    conditions: Conditions,
+    seq_of: Callable[[str, str], int],
+    rid: RequestId = None,
+) -> Conflict | None:
+    """§3.3.2: the first ``if_seq`` of a batch that does not hold, as the error to
+    answer (None: they all hold). ``seq_of(collection, key)`` is the record's
+    last-written seq in the state the batch would be applied on (0: absent)."""
+    for i, expected in conditions:
+        c = batch[i]
+        current = seq_of(c[0], c[1])
+        if current != expected:
+            shown = c[1] if len(c[1]) <= 80 else c[1][:80] + "..."
+            if not expected:
+                why = f"exists (at seq {current}), and if_seq 0 says it must not"
+            elif not current:
+                why = f"does not exist, and if_seq says it is at seq {expected}"
+            else:
+                why = f"is at seq {current}, not {expected} (if_seq)"
+            return Conflict(
+                f"changes[{i}]: {c[0]}/{shown!r} {why}; nothing of the batch was applied",
+                request_id=rid,
+                change=i,
+                current_seq=current,
+            )
+    return None
 
 
 class Prepared(NamedTuple):
@@ -440,43 +480,93 @@ def prepare_changes(
     (compact printable ASCII, no escapes), so a value only needs its depth checked.
     """
     if isinstance(changes, PublishRequest):
-        # The hot path of ingest: msgspec has checked the types already.
-        rid = changes.id
-        out: list[PreparedChange] = []
-        append = out.append
-        known = _known_collections
-        for c in changes.changes:
-            collection, key = c.collection, c.key
-            if collection not in known or not key or len(key) > MAX_KEY_LENGTH:
-                _check_publish_target(changes, rid)  # raises, naming the change
-                if len(known) < 4096:
-                    known.add(collection)
-            if c.delete:
-                append((collection, key, _encode(key), None))
-            else:
-                raw = bytes(c.value)
-                if not raw:
-                    where = f"changes[{changes.changes.index(c)}]"
-                    raise BadRequest(f"{where}: needs a 'value', or 'delete': true", request_id=rid)
-                # A plain line's values are canonical once shallow (values.shallow,
-                # inlined: this runs once per change).
-                if plain and raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
-                    append((collection, key, _encode(key), raw))
-                    continue
-                try:
-                    # §9: stored values are compact, one-line, valid UTF-8 JSON; values
-                    # that already are pass through untouched (the fast path).
-                    raw = canonical_value(raw)
-                except InvalidValue as exc:
-                    where = f"changes[{changes.changes.index(c)}]"
-                    raise BadRequest(f"{where}: invalid value: {exc}", request_id=rid) from None
-                append((collection, key, _encode(key), raw))
-        if not out:
-            raise BadRequest("'changes' must not be empty", request_id=rid)
-        return out
+        return _prepare_request(changes, plain)
     if isinstance(changes, Change | Mapping):  # one change on its own
         changes = [changes]
     out = [prepare_change(c, f"changes[{i}]") for i, c in enumerate(changes)]
     if not out:
         raise BadRequest("a publish needs at least one change")
+    return out
+
+
+_collection_of = attrgetter("collection")
+_key_of = attrgetter("key")
+_value_of = attrgetter("value")
+_delete_of = attrgetter("delete")
+_if_seq_of = attrgetter("if_seq")
+# Every byte but the opening brackets and the newline (values of a plain line hold no
+# newline, so it separates them).
+_NOT_OPENER: Final = bytes(b for b in range(256) if b not in b"[{\n")
+
+
+def _prepare_request(request: PublishRequest, plain: bool) -> list[PreparedChange]:
+    """The hot path of ingest: a publish from the wire (msgspec has checked the types).
+
+    Written with whole-batch operations that run at C speed (``map``, ``zip``, one
+    ``join``, one encode of all the keys) instead of a Python loop over the changes:
+    in CPython one loop iteration that unpacks, tests and builds a tuple costs as much
+    as all of this per change (docs/performance.md has the profile). Whatever it does
+    not settle for the whole batch at once (a delete, a line that is not plain, a
+    missing value, a value with more than MAX_DEPTH opening brackets) goes through
+    :func:`_prepare_each`, which checks one change at a time and names the first that
+    is wrong. The rules are the same on both paths (§3.3, §9).
+    """
+    changes = request.changes
+    rid = request.id
+    n = len(changes)
+    if not n:
+        raise BadRequest("'changes' must not be empty", request_id=rid)
+    names = list(map(_collection_of, changes))
+    keys = list(map(_key_of, changes))
+    known = _known_collections
+    if not known.issuperset(names) or "" in keys or max(map(len, keys)) > MAX_KEY_LENGTH:
+        _check_publish_target(request, rid)  # raises, naming the change
+        for name in set(names):
+            if len(known) < 4096:
+                known.add(name)
+    if not plain or any(map(_delete_of, changes)):
+        return _prepare_each(request, plain)
+    values = list(map(bytes, map(_value_of, changes)))
+    if b"" in values:
+        return _prepare_each(request, plain)  # raises, naming the change with no value
+    # §9: a value of a plain line is canonical once it has at most MAX_DEPTH opening
+    # brackets (values.shallow), counted for all the values at once: the brackets of
+    # each value, separated by newlines.
+    brackets = b"\n".join(values).translate(None, _NOT_OPENER)
+    if len(brackets) - (n - 1) > MAX_DEPTH and max(map(len, brackets.split(b"\n"))) > MAX_DEPTH:
+        return _prepare_each(request, plain)
+    # The keys' JSON, in one encode: when it is as long as the keys plus their quotes
+    # and commas, no key holds a character that is escaped or not ASCII, and when it
+    # has no other comma, it splits into the keys' JSON strings.
+    listed = _encode(keys)
+    if len(listed) == sum(map(len, keys)) + 3 * n + 1 and listed.count(b",") == n - 1:
+        key_jsons = listed[1:-1].split(b",")
+    else:
+        key_jsons = list(map(_encode, keys))
+    out: list[PreparedChange] = list(zip(names, keys, key_jsons, values, strict=True))
+    return out
+
+
+def _prepare_each(request: PublishRequest, plain: bool) -> list[PreparedChange]:
+    """:func:`_prepare_request` one change at a time (the targets are checked)."""
+    rid = request.id
+    out: list[PreparedChange] = []
+    append = out.append
+    for i, c in enumerate(request.changes):
+        collection, key = c.collection, c.key
+        if c.delete:
+            append((collection, key, _encode(key), None))
+            continue
+        raw = bytes(c.value)
+        if not raw:
+            raise BadRequest(f"changes[{i}]: needs a 'value', or 'delete': true", request_id=rid)
+        # A plain line's values are canonical once shallow (values.shallow, inlined).
+        if not plain or raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+            try:
+                # §9: stored values are compact, one-line, valid UTF-8 JSON; values
+                # that already are pass through untouched (the fast path).
+                raw = canonical_value(raw)
+            except InvalidValue as exc:
+                raise BadRequest(f"changes[{i}]: invalid value: {exc}", request_id=rid) from None
+        append((collection, key, _encode(key), raw))
     return out

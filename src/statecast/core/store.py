@@ -15,11 +15,12 @@ from typing import Protocol, TypeAlias, runtime_checkable
 
 from statecast.core.changelog import ChangeLog
 from statecast.core.dedupe import KeyRecord
-from statecast.core.protocol import PreparedChange
+from statecast.core.protocol import Conditions, PreparedChange
 from statecast.core.state import Record, State
 from statecast.errors import ProtocolError
 
 __all__ = [
+    "AlreadyApplied",
     "Committed",
     "Install",
     "KeyStamp",
@@ -48,6 +49,16 @@ Install = Callable[[list[Record]], None]
 KeyStamp: TypeAlias = tuple[str, float]
 
 
+class AlreadyApplied(ProtocolError):
+    """A store's answer to a batch whose idempotency key it has committed before
+    (§3.3.1): ``seq`` is that batch's last seq. Never sent: the engine answers the
+    publish with a duplicate ack."""
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(f"already applied at seq {seq}")
+        self.seq = seq
+
+
 def new_epoch() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -60,9 +71,11 @@ class Store(Protocol):
     # Whether submit() calls ``done`` before it returns (the memory store): then no
     # batch is ever waiting for its commit, which the engine's preconditions rely on.
     commits_at_once: bool
-    # Whether every batch that changes the state goes through this process's submit(),
-    # so that the engine can check §3.3 if_seq exactly (not a cluster store).
-    checks_preconditions: bool
+    # Whether the store decides §3.3 idempotency keys and if_seq conditions itself, at
+    # its commit point (a cluster store: the batches of other nodes are committed
+    # beside this one's, so the engine's state may be behind). Otherwise the engine
+    # decides them, against the state every batch is committed after.
+    decides_at_commit: bool
 
     @property
     def ready(self) -> bool:
@@ -78,11 +91,18 @@ class Store(Protocol):
         never call it."""
 
     def submit(
-        self, batch: Sequence[PreparedChange], done: Committed, key: KeyStamp | None = None
+        self,
+        batch: Sequence[PreparedChange],
+        done: Committed,
+        key: KeyStamp | None = None,
+        conditions: Conditions | None = None,
     ) -> None:
         """Commit one validated batch (loop thread). ``done`` is called on the loop
         thread, in submission order; the caller then installs the records. ``key``
-        (§3.3) is committed with the batch: both or neither."""
+        (§3.3) is committed with the batch: both or neither. A store that
+        ``decides_at_commit`` checks the key and the ``conditions`` there, and answers
+        ``done(None, AlreadyApplied(seq))`` or ``done(None, Conflict(...))``; the others
+        ignore ``conditions`` (the engine has decided them)."""
 
     def idempotency_keys(self) -> list[KeyRecord]:
         """The idempotency keys committed with batches and kept (oldest first), loaded

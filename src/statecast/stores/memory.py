@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 from statecast.core.changelog import ChangeLog
 from statecast.core.dedupe import KeyRecord
-from statecast.core.protocol import PreparedChange
+from statecast.core.protocol import Conditions, PreparedChange
 from statecast.core.state import State, encode_batch
 from statecast.core.store import Committed, Install, KeyStamp, Position, ToLoop, new_epoch
 
@@ -18,7 +18,7 @@ class MemoryStore:
 
     description = "memory"
     commits_at_once = True
-    checks_preconditions = True
+    decides_at_commit = False
 
     def __init__(self, retain: int) -> None:
         self.retain = retain
@@ -36,7 +36,11 @@ class MemoryStore:
         pass
 
     def submit(
-        self, batch: Sequence[PreparedChange], done: Committed, key: KeyStamp | None = None
+        self,
+        batch: Sequence[PreparedChange],
+        done: Committed,
+        key: KeyStamp | None = None,
+        conditions: Conditions | None = None,
     ) -> None:
         # (The engine remembers the key; nothing outlives the process here.)
         done(encode_batch(batch, self.state.seq + 1), None)

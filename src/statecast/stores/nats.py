@@ -47,10 +47,10 @@ from nats.aio.msg import Msg
 
 from statecast.config import Config
 from statecast.core.changelog import ChangeLog
-from statecast.core.dedupe import KeyRecord
-from statecast.core.protocol import PreparedChange
+from statecast.core.dedupe import Dedupe, KeyRecord
+from statecast.core.protocol import Conditions, PreparedChange, check_conditions
 from statecast.core.state import Record, State, encode_batch
-from statecast.core.store import Committed, Install, KeyStamp, ToLoop
+from statecast.core.store import AlreadyApplied, Committed, Install, KeyStamp, ToLoop
 from statecast.errors import (
     BadRequest,
     InternalError,
@@ -69,14 +69,15 @@ from statecast.stores.nats_wire import (
     SEQ_HEADER,
     Manifest,
     Subjects,
-    decode_batches,
     decode_chunk,
+    decode_group,
     decode_manifest,
     encode_batch_body,
     encode_chunk,
     encode_manifest,
     epoch_of,
     group_body,
+    keyed_group_body,
 )
 
 __all__ = ["NatsStore"]
@@ -98,11 +99,19 @@ _LAST_SEQ_RE: Final = re.compile(r"(\d+)\s*$")
 
 
 class _Job:
-    __slots__ = ("batch", "body", "done", "error")
+    __slots__ = ("batch", "body", "conditions", "done", "error", "key")
 
-    def __init__(self, batch: Sequence[PreparedChange], done: Committed) -> None:
+    def __init__(
+        self,
+        batch: Sequence[PreparedChange],
+        done: Committed,
+        key: KeyStamp | None = None,
+        conditions: Conditions | None = None,
+    ) -> None:
         self.batch = batch
         self.done = done
+        self.key = key  # §3.3.1, written with the batch, decided when the group is sent
+        self.conditions = conditions  # §3.3.2, decided when the group is sent
         self.body = b""
         self.error: ProtocolError | None = None
 
@@ -123,10 +132,16 @@ class _Group:
         self.seal()
 
     def seal(self) -> None:
-        """Build the message body from the jobs (again, after more joined)."""
-        self.body = group_body([j.body for j in self.jobs])
+        """Build the message body from the jobs (again, after more joined or some left)."""
+        encoded = [j.body for j in self.jobs]
+        keys = {i: j.key for i, j in enumerate(self.jobs) if j.key is not None}
+        self.body = keyed_group_body(encoded, keys) if keys else group_body(encoded)
         self.count = sum(len(j.batch) for j in self.jobs)
         self.size = len(self.body)
+
+    @property
+    def format(self) -> int:
+        return 2 if any(j.key is not None for j in self.jobs) else 1
 
 
 class _Incomplete(Exception):
@@ -190,6 +205,9 @@ class NatsStore:
         self.log = ChangeLog(config.retain)
         self.epoch = ""
         self.node = uuid.uuid4().hex[:12]
+        # §3.3.1: the idempotency keys of the batches read from the log (every node's),
+        # for the dedupe window; decided here when a group is sent (_decide).
+        self.keys = Dedupe(config.dedupe_window)
         self.max_payload = 1 << 20
         self._last = 0  # stream seq of the last S.log message applied (or skipped)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -268,15 +286,19 @@ class NatsStore:
         self._tasks.append(loop.create_task(self._publisher(), name="statecast-nats-publisher"))
 
     commits_at_once = False
-    # Batches of other nodes are installed here without this node deciding them: an
-    # if_seq cannot be checked exactly (docs/cluster.md), so it is refused.
-    checks_preconditions = False
+    # Other nodes commit batches beside this one's: keys and if_seq are decided when a
+    # group is sent, against the state after the message it must follow (_decide).
+    decides_at_commit = True
 
     def idempotency_keys(self) -> list[KeyRecord]:
-        return []  # docs/cluster.md: keys are remembered by the node that took them
+        return []  # the store decides keys itself (self.keys)
 
     def submit(
-        self, batch: Sequence[PreparedChange], done: Committed, key: KeyStamp | None = None
+        self,
+        batch: Sequence[PreparedChange],
+        done: Committed,
+        key: KeyStamp | None = None,
+        conditions: Conditions | None = None,
     ) -> None:
         self._submitted += 1
         reason = self._unavailable()
@@ -285,7 +307,7 @@ class NatsStore:
             done(None, Unavailable(reason))
             self._check_flushes()
             return
-        job = _Job(batch, done)
+        job = _Job(batch, done, key, conditions)
         job.body = encode_batch_body(batch)
         limit = self.max_payload - _HEADROOM
         if len(job.body) > limit:
@@ -830,7 +852,7 @@ class NatsStore:
             self._apply_own(group, sseq)
             return
         try:
-            batches = decode_batches(msg.data)
+            batches, keys = decode_group(msg.data, fmt)
         except (msgspec.DecodeError, ValueError):
             self._skip(sseq, "its body is not a list of batches")
             return
@@ -840,11 +862,14 @@ class NatsStore:
             return
         install = self._install or self._install_loaded
         seq = first
-        for batch in batches:
+        for i, batch in enumerate(batches):
             if batch:
                 records = encode_batch(batch, seq)
                 seq += len(records)
                 install(records)
+            key = keys.get(i)
+            if key is not None:
+                self.keys.add(key[0], seq - 1, key[1])
         self._advance(sseq)
 
     def _skip(self, sseq: int, why: str) -> None:
@@ -952,6 +977,8 @@ class NatsStore:
                 )
                 return
             prev = self._last
+            if not self._decide(group):
+                return  # every batch of it was a duplicate or a conflict: nothing to send
             answer = await self._attempt(group, prev, min(remaining, REQUEST_TIMEOUT))
             if answer is None:
                 return
@@ -997,6 +1024,54 @@ class NatsStore:
                 )
             return
 
+    def _decide(self, group: _Group) -> bool:
+        """§3.3: answer the batches of ``group`` that must not be written, against the
+        state after the last message read, which the group is sent to follow (if
+        another node writes first, JetStream refuses it and this runs again): a key
+        already written is a duplicate, an if_seq that does not hold a conflict; each
+        batch is decided on the state its predecessors in the group leave. False when
+        none is left."""
+        if not any(j.key is not None or j.conditions is not None for j in group.jobs):
+            return True
+        now = time.time()
+        get = self.state.get
+        written: dict[tuple[str, str], int] = {}  # by the group's batches kept so far
+
+        def seq_of(collection: str, key: str) -> int:
+            hit = written.get((collection, key))
+            if hit is not None:
+                return hit
+            rec = get(collection, key)
+            return 0 if rec is None else rec.seq
+
+        kept: list[_Job] = []
+        seq = self.state.seq
+        for job in group.jobs:
+            if job.key is not None:
+                first = self.keys.seq_of(job.key[0], now)
+                if first is not None:
+                    self._settle_job(job, AlreadyApplied(first))
+                    continue
+            if job.conditions is not None:
+                conflict = check_conditions(job.batch, job.conditions, seq_of)
+                if conflict is not None:
+                    self._settle_job(job, conflict)
+                    continue
+            for c in job.batch:
+                seq += 1
+                written[(c[0], c[1])] = seq if c[3] is not None else 0
+            kept.append(job)
+        if len(kept) < len(group.jobs):
+            group.jobs = kept
+            if not kept:
+                group.settled = True
+                if group.waiter is not None and not group.waiter.done():
+                    group.waiter.set_result(None)
+                self._check_flushes()
+                return False
+            group.seal()
+        return True
+
     async def _attempt(self, group: _Group, prev: int, seconds: float) -> dict[str, Any] | None:
         """Send the group once, after stream message ``prev``: JetStream's answer, or None
         when the group is settled meanwhile (or here, on a failure)."""
@@ -1006,7 +1081,7 @@ class NatsStore:
         headers = {
             MSG_ID_HEADER: group.msg_id,
             PREV_HEADER: str(prev),
-            FORMAT_HEADER: str(FORMAT),
+            FORMAT_HEADER: str(group.format),
             SEQ_HEADER: str(self.state.seq + 1),
             COUNT_HEADER: str(group.count),
         }
@@ -1065,6 +1140,8 @@ class NatsStore:
         for job in group.jobs:
             records = encode_batch(job.batch, seq)
             seq += len(records)
+            if job.key is not None:
+                self.keys.add(job.key[0], seq - 1, job.key[1])
             job.done(records, None)
         self._completed += len(group.jobs)
         if group.waiter is not None and not group.waiter.done():

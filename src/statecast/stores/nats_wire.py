@@ -13,11 +13,15 @@ Headers:
   clustered nats-server 2.9 does not check that one atomically against publishes in
   flight, and lets two messages follow the same one.)
 * ``Nats-Msg-Id``: ``<node>.<n>``, the same for every attempt of one group.
-* ``Statecast-Format: 1``, ``Statecast-Seq`` (the seq of the group's first change)
-  and ``Statecast-Count`` (its number of changes).
+* ``Statecast-Format: 1`` (or ``2``, below), ``Statecast-Seq`` (the seq of the group's
+  first change) and ``Statecast-Count`` (its number of changes).
 
 The body is a msgpack array of batches, each an array of changes
-``[collection, key, key_json, value_json or nil]`` (``PreparedChange``).
+``[collection, key, key_json, value_json or nil]`` (``PreparedChange``). A group with
+batches published under idempotency keys (protocol §3.3.1) has format 2: its body is
+the array ``[batches, keys]``, ``keys`` a map from a batch's index in the group to
+``[key, time]`` (seconds since the epoch), so that every node learns every key with the
+batch. (A group without keys keeps format 1: nodes of an older statecast read it.)
 
 **``S_ckpt``, the checkpoints**, on two kinds of subject:
 
@@ -48,15 +52,17 @@ __all__ = [
     "Subjects",
     "decode_batches",
     "decode_chunk",
+    "decode_group",
     "decode_manifest",
     "encode_batch_body",
     "encode_chunk",
     "encode_manifest",
     "epoch_of",
     "group_body",
+    "keyed_group_body",
 ]
 
-FORMAT: Final = 1
+FORMAT: Final = 2  # the newest format read; groups without keys are written as 1
 FORMAT_HEADER: Final = "Statecast-Format"
 SEQ_HEADER: Final = "Statecast-Seq"
 COUNT_HEADER: Final = "Statecast-Count"
@@ -110,6 +116,26 @@ def group_body(encoded: Sequence[bytes]) -> bytes:
 def decode_batches(body: bytes) -> list[list[PreparedChange]]:
     """The batches of a log message (raises ``msgspec.DecodeError`` if it is not one)."""
     return _batches.decode(body)
+
+
+GroupKeys = dict[int, tuple[str, float]]  # a batch's index in its group -> its key, when
+_keyed = msgspec.msgpack.Decoder(
+    tuple[list[list[tuple[str, str, bytes, bytes | None]]], dict[int, tuple[str, float]]]
+)
+
+
+def keyed_group_body(encoded: Sequence[bytes], keys: GroupKeys) -> bytes:
+    """The body of a format 2 log message: ``[batches, keys]``."""
+    return b"\x92" + group_body(encoded) + _encode(keys)
+
+
+def decode_group(body: bytes, fmt: int) -> tuple[list[list[PreparedChange]], GroupKeys]:
+    """The batches of a log message of format ``fmt``, and their keys (raises
+    ``msgspec.DecodeError`` if it is not one)."""
+    if fmt < 2:
+        return _batches.decode(body), {}
+    batches, keys = _keyed.decode(body)
+    return batches, keys
 
 
 # -- checkpoints --------------------------------------------------------------------

@@ -63,7 +63,7 @@ from statecast._version import __version__
 from statecast.core.changelog import ChangeLog
 from statecast.core.dedupe import DEFAULT_KEEP, DEFAULT_WINDOW, KeyRecord
 from statecast.core.frames import DELETE_LINE, RECORD_LINE
-from statecast.core.protocol import COLLECTION_RE, PreparedChange
+from statecast.core.protocol import COLLECTION_RE, Conditions, PreparedChange
 from statecast.core.state import Record, State, encode_batch
 from statecast.core.store import Committed, Install, KeyStamp, Position, ToLoop, new_epoch
 from statecast.core.values import MAX_DEPTH, InvalidValue, canonical_value
@@ -672,7 +672,7 @@ class SQLiteStore:
     # -- opening ---------------------------------------------------------------
     ready = True  # everything it holds is loaded by open()
     commits_at_once = False  # a batch waits for the writer thread's commit
-    checks_preconditions = True
+    decides_at_commit = False
 
     def idempotency_keys(self) -> list[KeyRecord]:
         keys, self._keys = self._keys, []  # handed over once: the engine keeps them
@@ -974,7 +974,11 @@ class SQLiteStore:
 
     # -- loop thread interface -----------------------------------------------------
     def submit(
-        self, batch: Sequence[PreparedChange], done: Committed, key: KeyStamp | None = None
+        self,
+        batch: Sequence[PreparedChange],
+        done: Committed,
+        key: KeyStamp | None = None,
+        conditions: Conditions | None = None,
     ) -> None:
         self._queue.put(_Batch(batch, done, None, key))
 
