@@ -246,6 +246,11 @@ class Fuzz:
             parts.append(b'"delete":true')
         elif r.random() < 0.97:
             parts.append(b'"value":' + self.value())
+        if r.random() < 0.2:  # §3.3.2
+            parts.append(
+                b'"if_seq":'
+                + r.choice([b"0", b"1", b"2", b"-1", b"1.5", b"true", b'"3"', b"1e400", b"null"])
+            )
         r.shuffle(parts)
         return b"{" + b",".join(parts) + b"}"
 
@@ -273,6 +278,22 @@ class Fuzz:
             fields.append(
                 b'"changes":[' + b",".join(self.change() for _ in range(r.randrange(1, 4))) + b"]"
             )
+            if r.random() < 0.3:  # §3.3.1: a few keys, so that some repeat
+                fields.append(
+                    b'"idempotency_key":'
+                    + r.choice(
+                        [
+                            b'"k1"',
+                            b'"k2"',
+                            b'"\\u00e9"',
+                            b'""',
+                            b"7",
+                            b"null",
+                            b'"\\ud800"',
+                            b'"' + b"x" * 257 + b'"',
+                        ]
+                    )
+                )
         elif op in ("sync", "sync_live", "subscribe"):
             if r.random() < 0.3:
                 fields.append(b'"collections":' + self.collections())
@@ -496,7 +517,11 @@ _ids = st.one_of(st.integers(), _text, st.none(), st.booleans(), st.floats(allow
 _names = st.one_of(st.sampled_from(COLLECTIONS + BAD_COLLECTIONS), _text)
 _change = st.fixed_dictionaries(
     {"collection": _names, "key": st.one_of(st.sampled_from(KEYS), _text)},
-    optional={"value": _value, "delete": st.booleans()},
+    optional={
+        "value": _value,
+        "delete": st.booleans(),
+        "if_seq": st.one_of(st.integers(-2, 5), _scalar),
+    },
 )
 _where = st.one_of(
     st.none(),
@@ -509,7 +534,11 @@ _where = st.one_of(
 )
 _requests = st.one_of(
     st.fixed_dictionaries(
-        {"op": st.just("publish"), "changes": st.lists(_change, max_size=3)}, optional={"id": _ids}
+        {"op": st.just("publish"), "changes": st.lists(_change, max_size=3)},
+        optional={
+            "id": _ids,
+            "idempotency_key": st.one_of(st.sampled_from(["k", "j"]), _text, _scalar),
+        },
     ),
     st.fixed_dictionaries(
         {"op": st.sampled_from(["sync", "subscribe"])},
