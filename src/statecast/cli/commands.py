@@ -34,16 +34,32 @@ from statecast.client.connection import (
     DEFAULT_URL,
     Client,
     check_token_settings,
+    new_key,
     parse_address,
     tls_context_for,
 )
 from statecast.client.replica import Replica, Resynced, Status, split_urls
-from statecast.core.frames import ChangeFrame, SnapshotBegin, SnapshotEnd, encode
+from statecast.core.frames import Ack, ChangeFrame, SnapshotBegin, SnapshotEnd, encode
 from statecast.core.protocol import Change
-from statecast.errors import ConfigError, ConnectionClosed, ProtocolError, StatecastError
+from statecast.errors import (
+    ConfigError,
+    Conflict,
+    ConnectionClosed,
+    ProtocolError,
+    StatecastError,
+)
 from statecast.loops import new_event_loop
 
-__all__ = ["Target", "publish_many", "publish_one", "run_tool", "stats", "sync", "watch"]
+__all__ = [
+    "EXIT_CONFLICT",
+    "Target",
+    "publish_many",
+    "publish_one",
+    "run_tool",
+    "stats",
+    "sync",
+    "watch",
+]
 
 _encode = msgspec.json.encode
 
@@ -252,47 +268,119 @@ async def watch(target: Target, collections: list[str] | None, as_json: bool) ->
 
 
 # -- publish ------------------------------------------------------------------------
-async def publish_one(target: Target, change: Change) -> int:
-    async with target.open() as client:
-        seq = await client.publish([change])
-    print(seq)
+EXIT_CONFLICT = 3  # an if_seq did not hold (§3.3): nothing was applied
+
+
+def _publisher(target: Target) -> Client:
+    """A client of every node of ``--url``: a publish that loses its connection
+    before the ack is sent again, with the same idempotency key, to the next node
+    that answers (docs/client.md)."""
+    return Client(target.url, ca_file=target.ca_file, token=target.token)
+
+
+def _conflict(exc: Conflict, where: str = "") -> int:
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    # The server's message names the change, the record's seq, and says that nothing
+    # of the batch was applied (§3.3.2).
+    err.print(f"[red]statecast:[/] conflict: {where}{escape(exc.message)}")
+    return EXIT_CONFLICT
+
+
+async def publish_one(target: Target, change: Change, idempotency_key: str | None = None) -> int:
+    """Publish one change; ``idempotency_key`` (default: a new one) makes running the
+    command again with the same key apply it at most once within the server's
+    dedupe window."""
+    async with _publisher(target) as client:
+        try:
+            ack = await client.publish_ack([change], idempotency_key=idempotency_key or new_key)
+        except Conflict as exc:
+            return _conflict(exc)
+    print(ack.seq)
+    if ack.duplicate:
+        Console(stderr=True, soft_wrap=True, highlight=False).print(
+            f"duplicate: already applied at seq {ack.seq} under idempotency key "
+            f"{escape(repr(idempotency_key))}; nothing was applied again"
+        )
     return 0
 
 
-async def publish_many(target: Target, lines: IO[bytes], batch: int, window: int = 8) -> int:
-    """Publish NDJSON changes from ``lines`` in batches, ``window`` in flight."""
-    decoder = msgspec.json.Decoder(dict[str, Any])
+async def publish_many(
+    target: Target,
+    lines: IO[bytes],
+    batch: int,
+    window: int = 8,
+    idempotency_key: str | None = None,
+) -> int:
+    """Publish NDJSON changes from ``lines`` in batches, ``window`` in flight. With
+    ``idempotency_key``, batch N (from 1) has the key ``KEY:N``, so that running the
+    same input again with the same key applies each batch at most once."""
     err = Console(stderr=True, highlight=False)
     total = 0
     last = 0
-    async with target.open() as client:
-        inflight: list[asyncio.Task[int]] = []
+    batches = 0
+    duplicates = 0
+    async with _publisher(target) as client:
+        inflight: list[tuple[int, asyncio.Task[Ack]]] = []
+        failed = 0  # the batch that failed
+
+        def send(changes: list[dict[str, Any]]) -> None:
+            nonlocal batches
+            batches += 1
+            key = new_key() if idempotency_key is None else f"{idempotency_key}:{batches}"
+            task = asyncio.ensure_future(client.publish_ack(changes, idempotency_key=key))
+            inflight.append((batches, task))
 
         async def settle(keep: int) -> None:
-            nonlocal last
+            nonlocal last, duplicates, failed
             while len(inflight) > keep:
-                last = max(last, await inflight.pop(0))
+                failed, task = inflight.pop(0)
+                ack = await task
+                last = max(last, ack.seq)
+                duplicates += ack.duplicate
 
-        changes: list[dict[str, Any]] = []
-        for n, raw in enumerate(lines, 1):
-            if not raw.strip():
-                continue
-            try:
-                changes.append(decoder.decode(raw))
-            except msgspec.MsgspecError as exc:
-                raise StatecastError(f"line {n}: not a JSON object: {exc}") from None
-            if len(changes) >= batch:
-                inflight.append(asyncio.ensure_future(client.publish(changes)))
-                total += len(changes)
-                changes = []
-                await settle(window)
-        if changes:
-            inflight.append(asyncio.ensure_future(client.publish(changes)))
-            total += len(changes)
-        await settle(0)
+        try:
+            total = await _read_batches(lines, batch, send, settle, window)
+            await settle(0)
+        except Conflict as exc:
+            return _conflict(exc, f"batch {failed}: ")
+        finally:
+            for _, task in inflight:  # after an error: the rest is not waited for
+                task.cancel()
+            await asyncio.gather(*(task for _, task in inflight), return_exceptions=True)
     print(last)
-    err.print(f"published {total:,} changes, last seq {last}")
+    dup = f" ({duplicates} of {batches} batches were duplicates)" if duplicates else ""
+    err.print(f"published {total:,} changes, last seq {last}{dup}")
     return 0
+
+
+async def _read_batches(
+    lines: IO[bytes],
+    batch: int,
+    send: Callable[[list[dict[str, Any]]], None],
+    settle: Callable[[int], Awaitable[None]],
+    window: int,
+) -> int:
+    """Read NDJSON changes and ``send`` them in batches, waiting for all but
+    ``window`` of them after each; returns how many changes."""
+    decoder = msgspec.json.Decoder(dict[str, Any])
+    total = 0
+    changes: list[dict[str, Any]] = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            changes.append(decoder.decode(raw))
+        except msgspec.MsgspecError as exc:
+            raise StatecastError(f"line {n}: not a JSON object: {exc}") from None
+        if len(changes) >= batch:
+            send(changes)
+            total += len(changes)
+            changes = []
+            await settle(window)
+    if changes:
+        send(changes)
+        total += len(changes)
+    return total
 
 
 # -- stats --------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from statecast.client.connection import DEFAULT_URL
 from statecast.config import Config
 from statecast.core.filters import parse_where
 from statecast.core.policy import Grant, Scope
-from statecast.core.protocol import Change
+from statecast.core.protocol import MAX_IDEMPOTENCY_KEY, Change
 from statecast.errors import BadRequest, ConfigError, StatecastError
 from statecast.loops import new_event_loop
 from statecast.server import Server
@@ -152,6 +152,12 @@ def main() -> None:
     help="Seconds a commit waits for another process's lock on the database.",
 )
 @option("--retain", default=_defaults.retain, type=int, help="Changes kept for resume.")
+@option(
+    "--dedupe-window",
+    default=_defaults.dedupe_window,
+    type=float,
+    help="Seconds an idempotency key is remembered (and at least the last 100,000 keys).",
+)
 @option(
     "--nats-stream",
     default=_defaults.nats_stream,
@@ -486,6 +492,19 @@ def watch_command(
     type=click.IntRange(1),
     help="Changes per publish with --ndjson.",
 )
+@click.option(
+    "--idempotency-key",
+    metavar="KEY",
+    help="Apply this publish at most once, however often it is sent with this key "
+    "within the server's --dedupe-window (default: a new key per run). With --ndjson, "
+    "batch N gets KEY:N.",
+)
+@click.option(
+    "--if-seq",
+    type=click.IntRange(0),
+    metavar="N",
+    help="Apply only if the record is at seq N (0: it must not exist); else exit 3.",
+)
 @click.argument("args", nargs=-1)
 def publish_command(
     *,
@@ -495,6 +514,8 @@ def publish_command(
     delete: bool,
     ndjson: bool,
     batch: int,
+    idempotency_key: str | None,
+    if_seq: int | None,
     args: tuple[str, ...],
 ) -> None:
     """Publish changes and print the acknowledged seq.
@@ -503,16 +524,49 @@ def publish_command(
     statecast publish COLLECTION KEY JSON
     statecast publish --delete COLLECTION KEY
     statecast publish --ndjson < changes.ndjson
+    statecast publish --idempotency-key fill-881 --if-seq 12 orders O-1 '{"qty":50}'
+
+    A publish that loses its connection before the ack is sent again, with the same
+    key, until acknowledged (30 s at most). With --ndjson, a line may carry its own
+    "if_seq".
+
+    \b
+    Exit status:
+      0  applied (also when the server had applied it before under the same
+         --idempotency-key: "duplicate" on standard error, the original seq printed)
+      1  the server cannot be reached or refused the publish
+      2  usage error
+      3  conflict: an if_seq did not hold; nothing was applied
     """
     target = _target(url, ca_file, token)
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+        raise click.BadParameter(
+            f"1 to {MAX_IDEMPOTENCY_KEY} characters", param_hint="'--idempotency-key'"
+        )
     if ndjson:
         if args:
             raise click.UsageError("--ndjson takes no arguments: changes come from standard input")
-        sys.exit(tools.run_tool(lambda: tools.publish_many(target, sys.stdin.buffer, batch)))
+        if if_seq is not None:
+            raise click.UsageError(
+                '--if-seq is for one change: with --ndjson, give "if_seq" on each line'
+            )
+        sys.exit(
+            tools.run_tool(
+                lambda: tools.publish_many(
+                    target, sys.stdin.buffer, batch, idempotency_key=idempotency_key
+                )
+            )
+        )
     if delete:
         if len(args) != 2:
             raise click.UsageError("usage: statecast publish --delete COLLECTION KEY")
-        change = Change(args[0], args[1], delete=True)
+        if if_seq == 0:
+            raise click.BadParameter(
+                "0 means the record must not exist, and --delete deletes it: give the seq "
+                "of the record to delete",
+                param_hint="'--if-seq'",
+            )
+        change = Change(args[0], args[1], delete=True, if_seq=if_seq)
     else:
         if len(args) != 3:
             raise click.UsageError("usage: statecast publish COLLECTION KEY JSON")
@@ -520,8 +574,8 @@ def publish_command(
             value = msgspec.json.decode(args[2])
         except msgspec.DecodeError as exc:
             raise click.UsageError(f"JSON is not valid JSON: {exc}") from None
-        change = Change(args[0], args[1], value)
-    sys.exit(tools.run_tool(lambda: tools.publish_one(target, change)))
+        change = Change(args[0], args[1], value, if_seq=if_seq)
+    sys.exit(tools.run_tool(lambda: tools.publish_one(target, change, idempotency_key)))
 
 
 @main.command("stats")

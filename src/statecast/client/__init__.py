@@ -14,6 +14,7 @@ from statecast.client.connection import (
     Client,
     TokenProvider,
     client_ssl_context,
+    new_key,
     parse_address,
     parse_url,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "Subscribed",
     "TokenProvider",
     "client_ssl_context",
+    "new_key",
     "parse_address",
     "parse_url",
 ]

@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 import queue
 import ssl as _ssl
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
-from statecast.client.connection import DEFAULT_URL, Client, TokenProvider
+from statecast.client.connection import DEFAULT_URL, Client, TokenProvider, new_key
 from statecast.client.replica import Replica, Resynced, Status
-from statecast.core.frames import Authed, ChangeFrame, Frame, Stats
+from statecast.core.frames import Ack, Authed, ChangeFrame, Frame, Stats
 from statecast.core.protocol import Change
 from statecast.loops import LoopThread
 
@@ -34,13 +34,15 @@ class BlockingClient:
     """:class:`statecast.Client`, with blocking methods.
 
     ``ca_file``, ``ssl``, ``token``, ``token_provider`` and the other keyword arguments
-    are :class:`statecast.Client`'s. A token provider refreshes the token in the
-    background, on the client's own loop, between calls too.
+    (``retry_timeout``, ...) are :class:`statecast.Client`'s. A token provider
+    refreshes the token in the background, on the client's own loop, between calls
+    too. ``timeout`` bounds each call, except a publish with an idempotency key, which
+    ``retry_timeout`` bounds (it retries across reconnections meanwhile).
     """
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         timeout: float | None = 30.0,
         ca_file: str | os.PathLike[str] | None = None,
@@ -72,8 +74,27 @@ class BlockingClient:
         """Send a fresh token on this connection (:meth:`statecast.Client.authenticate`)."""
         return self._lt.run(self._client.authenticate(token), self.timeout)
 
-    def publish(self, changes: Iterable[Change | Mapping[str, Any]] | Change) -> int:
-        return self._lt.run(self._client.publish(changes), self.timeout)
+    def publish(
+        self,
+        changes: Iterable[Change | Mapping[str, Any]] | Change,
+        *,
+        idempotency_key: str | Callable[[], str] | None = new_key,
+    ) -> int:
+        """:meth:`statecast.Client.publish`: the seq of the batch's last change."""
+        return self.publish_ack(changes, idempotency_key=idempotency_key).seq
+
+    def publish_ack(
+        self,
+        changes: Iterable[Change | Mapping[str, Any]] | Change,
+        *,
+        idempotency_key: str | Callable[[], str] | None = new_key,
+    ) -> Ack:
+        """:meth:`statecast.Client.publish_ack`: the ack (``seq``, ``duplicate``)."""
+        bounded = idempotency_key is not None and self._client.retry_timeout is not None
+        return self._lt.run(
+            self._client.publish_ack(changes, idempotency_key=idempotency_key),
+            None if bounded else self.timeout,
+        )
 
     def ping(self) -> int:
         return self._lt.run(self._client.ping(), self.timeout)
@@ -116,7 +137,7 @@ class BlockingReplica:
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         collections: Iterable[str] | None = None,
         on_progress: Any = None,
@@ -172,6 +193,23 @@ class BlockingReplica:
     def get(self, collection: str, key: str, default: Any = None) -> Any:
         async def read() -> Any:
             return self._replica.get(collection, key, default)
+
+        return self._lt.run(read())
+
+    def seq_of(self, collection: str, key: str) -> int:
+        """:meth:`statecast.Replica.seq_of`: the seq that last wrote the record (0:
+        not held), for ``if_seq``."""
+
+        async def read() -> int:
+            return self._replica.seq_of(collection, key)
+
+        return self._lt.run(read())
+
+    def get_with_seq(self, collection: str, key: str, default: Any = None) -> tuple[Any, int]:
+        """:meth:`statecast.Replica.get_with_seq`: ``(value, seq)``, read together."""
+
+        async def read() -> tuple[Any, int]:
+            return self._replica.get_with_seq(collection, key, default)
 
         return self._lt.run(read())
 

@@ -12,6 +12,13 @@ one exception hierarchy (:mod:`statecast.errors`). Many publishes may be in flig
 once; each one's future resolves with its ack. For a local copy of the state that
 stays in sync through disconnects, use :class:`statecast.Replica`.
 
+Publishes are safe to retry (§3.3.1): each carries an ``idempotency_key`` (a new
+one by default), and when the connection is lost before its ack, the client
+reconnects (to the same node, or the next of several when it is down) and sends the
+same batch with the same key again, until it is acknowledged or ``retry_timeout``
+passes. Only publishes reconnect: a subscription or a sync of the lost connection
+ends with :class:`ConnectionClosed` as before, and is not made again.
+
 ``tls://HOST:PORT`` speaks the same protocol over TLS, verifying the server's
 certificate (against the system's CAs, or ``ca_file=``) and its name. ``token=`` or
 ``token_provider=`` authenticates the connection (§3.8) before :meth:`Client.connect`
@@ -31,13 +38,15 @@ import math
 import os
 import ssl as _ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, NamedTuple, Self, TypeAlias, cast
 from urllib.parse import urlsplit
 
 import msgspec
 
+from statecast.client.failover import Failover, backoff_delay, split_urls
 from statecast.core.frames import (
     RECORD_PREFIX,
     Ack,
@@ -54,7 +63,7 @@ from statecast.core.frames import (
     decode_frame,
     skippable,
 )
-from statecast.core.protocol import Change, prepare_changes
+from statecast.core.protocol import Change, prepare_publish
 from statecast.errors import (
     BadFrame,
     ConfigError,
@@ -62,6 +71,7 @@ from statecast.errors import (
     ServerBye,
     StatecastError,
     Timeout,
+    Unauthorized,
 )
 
 __all__ = [
@@ -72,6 +82,7 @@ __all__ = [
     "TokenProvider",
     "check_token_settings",
     "client_ssl_context",
+    "new_key",
     "parse_address",
     "parse_url",
     "refresh_delay",
@@ -98,6 +109,16 @@ _PLAIN_PROBE: Final = b"\n" * 8
 
 # TLS record types a TLS server may answer a plain client with (alert, handshake).
 _TLS_RECORD_STARTS: Final = (b"\x15\x03", b"\x16\x03")
+
+# The backoff between attempts to deliver a publish again (docs/client.md): short,
+# since a producer waits for it, and capped low, since retry_timeout bounds it all.
+_RETRY_MIN_BACKOFF: Final = 0.1
+_RETRY_MAX_BACKOFF: Final = 5.0
+
+
+def new_key() -> str:
+    """A fresh idempotency key (§3.3): 32 random hex digits (a uuid4)."""
+    return uuid.uuid4().hex
 
 
 class Address(NamedTuple):
@@ -260,35 +281,51 @@ def _frame_of(line: bytes) -> Frame | BadFrame | None:
 
 
 class Client:
-    """One connection. Not thread-safe: use it from one event loop.
+    """One connection at a time. Not thread-safe: use it from one event loop.
 
-    ``url``: ``tcp://HOST:PORT`` or ``tls://HOST:PORT``. With TLS, ``ca_file`` is a PEM
-    bundle of the CAs to trust (default: the system's), or ``ssl`` an
+    ``url``: ``tcp://HOST:PORT`` or ``tls://HOST:PORT``; or the nodes of a cluster
+    (docs/cluster.md), ``"tcp://a:8989,tcp://b:8989"`` or a list: :meth:`connect`
+    takes the first that answers, and a publish that must be sent again goes to the
+    same node, or to the next when that one cannot be reached. With TLS, ``ca_file``
+    is a PEM bundle of the CAs to trust (default: the system's), or ``ssl`` an
     :class:`ssl.SSLContext` for full control; the server's name is checked against the
     URL's host either way (unless the context says otherwise).
 
     ``token`` (a string) or ``token_provider`` (a callable returning one, plain or
     async) authenticates the connection (§3.8); :attr:`authed` then holds what the
     token grants. A provider is also called to refresh the token before it expires.
+
+    ``retry_timeout`` (seconds, default 30; ``None``: no limit) bounds a publish with
+    an idempotency key, from the call to its ack, across the reconnections it takes
+    (:meth:`publish`).
     """
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         ca_file: str | os.PathLike[str] | None = None,
         ssl: _ssl.SSLContext | None = None,
         token: str | None = None,
         token_provider: TokenProvider | None = None,
         connect_timeout: float = 10.0,
+        retry_timeout: float | None = 30.0,
         max_line: int = 64 * 1024 * 1024,
         queue_chunks: int = 64,
     ) -> None:
-        self.url = url
-        self.address = parse_address(url)
-        self.host, self.port = self.address.host, self.address.port
-        self._ssl = tls_context_for(self.address, ca_file, ssl)
+        # One URL is checked as it is (its errors name it); a comma list, or a list,
+        # is the nodes of a cluster.
+        many = isinstance(url, list | tuple) or (isinstance(url, str) and "," in url)
+        self.urls: list[str] = split_urls(url) if many else [cast(str, url)]
+        # Each URL is checked here, not when it is first used, and its TLS context
+        # made once (loading the system's CAs takes a while).
+        self._contexts = {
+            each: tls_context_for(parse_address(each), ca_file, ssl) for each in self.urls
+        }
         self._ca_file = None if ca_file is None else os.fspath(ca_file)
+        self._failover = Failover(self.urls, _RETRY_MIN_BACKOFF, _RETRY_MAX_BACKOFF)
+        self._use(self.urls[0])
+        self.retry_timeout = retry_timeout
         check_token_settings(token, token_provider)
         self._token = None if token is None else token.strip()
         self._token_provider = token_provider
@@ -304,6 +341,16 @@ class Client:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: dict[RequestId, asyncio.Future[Any]] = {}
+        # Publishes with an idempotency key that wait for their ack, in the order they
+        # were first sent: after a reconnection, they are sent again in that order.
+        self._unacked: dict[RequestId, dict[str, Any]] = {}
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._closing = False  # close() was called: nothing is sent again
+        self._why = ""  # the last reason a publish had to be sent again
+        self.reconnects = 0  # reconnections made to deliver publishes
+        self._queue_chunks = queue_chunks
+        # Read loops of lost connections still handing their last frames on.
+        self._handing_on: set[asyncio.Task[None]] = set()
         # Unsolicited frames (snapshots, changes, heartbeats, bye), one list per chunk
         # read, bounded: a slow consumer stops the reader, and TCP pushes back to the
         # server (which cuts a subscriber off past --max-pending, §7).
@@ -320,11 +367,38 @@ class Client:
     def tls(self) -> bool:
         return self.address.tls
 
+    def _use(self, url: str) -> None:
+        """Connect to ``url`` from now on (one of :attr:`urls`)."""
+        self.url = url
+        self.address = parse_address(url)
+        self.host, self.port = self.address.host, self.address.port
+        self._ssl = self._contexts[url]
+        self._failover.url = url
+
     # -- connection ----------------------------------------------------------------
     async def connect(self) -> Hello:
         """Open the connection; returns the server's hello (§2). With a token, also
         authenticates (§3.8): :class:`~statecast.errors.Unauthorized` if the server
-        refuses the token."""
+        refuses the token. With several URLs, the first that answers."""
+        self._closing = False
+        start = self.urls.index(self.url)
+        order = self.urls[start:] + self.urls[:start]
+        for n, url in enumerate(order, 1):
+            self._use(url)
+            try:
+                return await self._establish()
+            except (ConnectionClosed, Timeout):
+                if n == len(order):
+                    await self.close()
+                    raise
+            except BaseException:
+                await self.close()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _establish(self) -> Hello:
+        """Connect to :attr:`url` and authenticate; on failure, close what was opened
+        and raise (pending requests are left alone)."""
         self._stage = "no TLS handshake" if self.tls else "no hello"
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
@@ -340,7 +414,7 @@ class Client:
                             self._refresh_loop(), name="statecast-token-refresh"
                         )
         except TimeoutError:
-            await self.close()
+            await self._teardown()
             stage = self._stage
             hint = ""
             if stage == "no hello" and not self.tls:
@@ -349,7 +423,7 @@ class Client:
                 f"cannot connect to {self.url}: {stage} within {self.connect_timeout}s{hint}"
             ) from None
         except BaseException:
-            await self.close()
+            await self._teardown()
             raise
         return hello
 
@@ -370,6 +444,13 @@ class Client:
                 )
                 writer.write(_PLAIN_PROBE)
             self._reader, self._writer = reader, writer
+            # A connection of its own: what the last one left is not this one's.
+            self._closed = None
+            # A stream of its own too: a reader of the last one's frames() still gets
+            # them all, and then the error that ended it.
+            self._frames = asyncio.Queue(self._queue_chunks)
+            self._ready = collections.deque()
+            self.authed = None
             self._stage = "no hello"
             line = await reader.readline()
         except _ssl.SSLError as exc:
@@ -397,21 +478,40 @@ class Client:
         return hello
 
     async def close(self) -> None:
+        """Close the connection; requests still waiting for an answer (publishes that
+        would be sent again too) fail with :class:`ConnectionClosed`."""
+        self._closing = True
+        reconnect, self._reconnect_task = self._reconnect_task, None
+        if reconnect is not None and reconnect is not asyncio.current_task():
+            reconnect.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reconnect
+        await self._teardown()
+        for task in list(self._handing_on):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fail_all(ConnectionClosed("the connection was closed"))
+
+    async def _teardown(self) -> None:
+        """Close the socket and stop its tasks; requests are left to the caller."""
         refresh, self._refresh_task = self._refresh_task, None
         if refresh is not None:
             refresh.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresh
-        if self._writer is not None:
-            self._writer.close()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            if self._closed is None:
+                self._closed = ConnectionClosed(f"the connection to {self.url} was closed")
+            writer.close()
             with contextlib.suppress(OSError, ConnectionError):
-                await self._writer.wait_closed()
-        if self._task is not None:
-            self._task.cancel()
+                await writer.wait_closed()
+        task, self._task = self._task, None
+        if task is not None and task not in self._handing_on:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self._fail_all(ConnectionClosed("the connection was closed"))
+                await task
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -509,18 +609,187 @@ class Client:
             return
 
     # -- requests ------------------------------------------------------------------
-    async def publish(self, changes: Iterable[Change | Mapping[str, Any]] | Change) -> int:
+    async def publish(
+        self,
+        changes: Iterable[Change | Mapping[str, Any]] | Change,
+        *,
+        idempotency_key: str | Callable[[], str] | None = new_key,
+    ) -> int:
         """Publish one atomic batch; returns the seq of its last change once the
-        server has applied (with a durable store: committed) it."""
-        batch = [
+        server has applied (with a durable store: committed) it. See
+        :meth:`publish_ack` for the keyword arguments and the retries."""
+        ack = await self.publish_ack(changes, idempotency_key=idempotency_key)
+        return ack.seq
+
+    async def publish_ack(
+        self,
+        changes: Iterable[Change | Mapping[str, Any]] | Change,
+        *,
+        idempotency_key: str | Callable[[], str] | None = new_key,
+    ) -> Ack:
+        """Publish one atomic batch (§3.3); returns its :class:`Ack`: ``seq``, and
+        ``duplicate`` when the server had applied the batch before under the same key
+        (then ``seq`` is that first ack's, and nothing was applied again).
+
+        A change may carry ``if_seq`` (:class:`Change`, or a mapping's ``"if_seq"``):
+        the seq the record must be at (0: it must not exist). If one does not hold,
+        nothing of the batch is applied and :class:`~statecast.errors.Conflict` is
+        raised, with the change's index and the record's ``current_seq``.
+
+        ``idempotency_key``: by default :func:`new_key` makes a new one for this call;
+        give a string to choose it (1 to 256 characters: the same key for the same
+        batch, e.g. across restarts of the producer), or ``None`` to send none.
+
+        With a key, the publish survives a lost connection: when the connection ends
+        before the ack (reset, ``bye``, the server gone) or the server answers
+        ``unavailable``, the client reconnects (with backoff from 0.1 s doubling to 5 s;
+        to the same node, and with several URLs to the next one when that one cannot be
+        reached) and sends the same batch with the same key again, until it is
+        acknowledged or ``retry_timeout`` (default 30 s) has passed since the call:
+        then :class:`~statecast.errors.Timeout`, and whether the batch was applied is
+        unknown (publish it again with the same key to find out). Other errors
+        (``conflict``, ``forbidden``, ``bad_request``, ...) are raised at once. Without
+        a key, a lost connection raises :class:`ConnectionClosed`: the batch may or may
+        not have been applied.
+
+        Any number of publishes may be in flight. Those waiting for their ack are sent
+        again after a reconnection in the order they were first sent, before anything
+        else, so batches keep their order (§5.4); only a batch answered
+        ``unavailable`` is sent again on its own, after its backoff, and may then come
+        after batches published after it.
+        """
+        key = idempotency_key() if callable(idempotency_key) else idempotency_key
+        prepared = prepare_publish(changes, idempotency_key=key)
+        batch: list[dict[str, Any]] = [
             {"collection": c, "key": k, "delete": True}
             if v is None
             else {"collection": c, "key": k, "value": msgspec.Raw(v)}
-            for c, k, _kj, v in prepare_changes(changes)
+            for c, k, _kj, v in prepared.batch
         ]
-        ack = await self._request({"op": "publish", "changes": batch})
+        for i, if_seq in prepared.conditions or ():
+            batch[i]["if_seq"] = if_seq
+        req: dict[str, Any] = {"op": "publish", "changes": batch}
+        if prepared.key is None:
+            ack = await self._request(req)
+        else:
+            req["idempotency_key"] = prepared.key
+            ack = await self._publish_until_acked(req)
         assert isinstance(ack, Ack)
-        return ack.seq
+        return ack
+
+    async def _publish_until_acked(self, req: dict[str, Any]) -> Frame:
+        """Send a keyed publish, and again after each reconnection or ``unavailable``,
+        until it is answered otherwise or :attr:`retry_timeout` passes."""
+        if self.hello is None:
+            raise ConnectionClosed("not connected: call connect() first")
+        if self._closing:
+            raise ConnectionClosed(f"the connection to {self.url} is closed (close() was called)")
+        loop = asyncio.get_running_loop()
+        rid = next(self._ids)
+        req["id"] = rid
+        deadline = None if self.retry_timeout is None else loop.time() + self.retry_timeout
+        attempt = 0
+        try:
+            async with asyncio.timeout_at(deadline) as scope:
+                while True:
+                    fut: asyncio.Future[Any] = loop.create_future()
+                    self._pending[rid] = fut
+                    self._unacked[rid] = req
+                    if self._reconnecting() or self._closed is not None:
+                        self._reconnect()  # which sends it, after the older ones
+                    else:
+                        self._send(req)
+                    answer = await fut
+                    if not (isinstance(answer, ErrorFrame) and answer.code == "unavailable"):
+                        break
+                    # §3.3: the store could not commit it, and nothing was applied.
+                    # Out of the queue while it waits: a reconnection meanwhile must
+                    # not send it with no future to take the answer.
+                    self._unacked.pop(rid, None)
+                    self._pending.pop(rid, None)
+                    self._why = f"unavailable: {answer.message}"
+                    await asyncio.sleep(
+                        backoff_delay(attempt, _RETRY_MIN_BACKOFF, _RETRY_MAX_BACKOFF)
+                    )
+                    attempt += 1
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            raise Timeout(
+                f"publish with idempotency_key {req['idempotency_key']!r} not acknowledged "
+                f"within {self.retry_timeout}s ({self._why or 'no answer'}); it may have "
+                "been applied: publish it again with the same key to find out"
+            ) from None
+        finally:
+            self._unacked.pop(rid, None)
+            self._pending.pop(rid, None)
+        if isinstance(answer, ErrorFrame):
+            raise answer.exception()
+        return cast(Frame, answer)
+
+    def _reconnecting(self) -> bool:
+        return self._reconnect_task is not None and not self._reconnect_task.done()
+
+    def _reconnect(self) -> None:
+        """Start reconnecting, unless that is under way."""
+        if not self._reconnecting() and not self._closing:
+            self._reconnect_task = asyncio.get_running_loop().create_task(
+                self._reconnect_loop(), name="statecast-client-reconnect"
+            )
+
+    async def _reconnect_loop(self) -> None:
+        """Reconnect with backoff (to the same node, then to the next of several when
+        one cannot be reached) until the keyed publishes waiting for their ack can be
+        sent again, then send them in the order they were first sent, before anything
+        else. Gives up when none is left waiting (each gives up at its own deadline)."""
+        try:
+            await self._reconnect_until_sent()
+        except Exception as exc:  # a bug: fail the publishes rather than leave them
+            log.exception("reconnecting to %s failed", self.url)
+            self._fail_unacked(exc)
+
+    async def _reconnect_until_sent(self) -> None:
+        # The same node first (a restarting node is usually back soon, and the client
+        # keeps its place); the next one only when it cannot be reached. Any node
+        # knows the keys (the SQLite store on disk, the NATS store in the stream).
+        move = False
+        while self._unacked and not self._closing:
+            delay = self._failover.failed(move=move)
+            move = True
+            self._use(self._failover.url)
+            log.info(
+                "%d publish(es) not acknowledged (%s); reconnecting to %s in %.1fs",
+                len(self._unacked),
+                self._why,
+                self.url,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            if not self._unacked:
+                break
+            await self._teardown()
+            try:
+                await self._establish()
+            except Unauthorized as exc:
+                if self._token_provider is not None:
+                    self._why = f"{exc.code}: {exc}"  # a fresh token may do next time
+                    continue
+                self._fail_unacked(exc)  # a fixed token does not get better
+                return
+            except (StatecastError, OSError) as exc:
+                self._why = str(exc) or type(exc).__name__
+                continue
+            self._failover.succeeded()
+            self.reconnects += 1
+            for again in self._unacked.values():
+                self._send(again)  # the same request: the same id and key
+            return
+
+    def _fail_unacked(self, error: BaseException) -> None:
+        for rid in self._unacked:
+            fut = self._pending.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(error)
 
     async def ping(self) -> int:
         """The server's current seq."""
@@ -626,16 +895,16 @@ class Client:
                 yield frame
 
     async def _frames_or_raw(self) -> AsyncIterator[Frame | bytes]:
-        ready = self._ready
+        ready, queue = self._ready, self._frames  # this connection's, through a reconnect
         while True:
             if ready:
                 # One at a time from the deque: a consumer that stops iterating leaves
                 # the rest for the next one.
                 yield ready.popleft()
                 continue
-            item = await self._frames.get()
+            item = await queue.get()
             if isinstance(item, BaseException):
-                self._frames.put_nowait(item)  # for the next reader too
+                queue.put_nowait(item)  # for the next reader too
                 if isinstance(item, ServerBye):
                     return  # the server said bye: the stream ends normally
                 raise item
@@ -669,7 +938,7 @@ class Client:
         """Read big chunks, decode every whole line in them, answer the pending
         requests, and queue the other frames in one list per chunk (one queue
         operation per chunk, not per frame: a large snapshot is millions of frames)."""
-        reader = self._reader
+        reader, frames = self._reader, self._frames
         assert reader is not None
         error: BaseException | None = None
         why = ""  # the error frame the server closed the connection with, if any
@@ -717,24 +986,48 @@ class Client:
                         error = ServerBye(frame.reason)
                         break
                 if batch:
-                    await self._frames.put(batch)  # waits while the consumer is behind
+                    await frames.put(batch)  # waits while the consumer is behind
         except (OSError, ConnectionError) as exc:
             error = ConnectionClosed(f"connection to {self.url} lost: {exc}")
         assert error is not None
         self._fail_pending(error)
-        await self._frames.put(error)  # the end of the stream, after every frame
+        await self._end_stream(frames, error)
+
+    async def _end_stream(
+        self, frames: asyncio.Queue[list[Frame | bytes] | BaseException], error: BaseException
+    ) -> None:
+        """Put the end of the stream after every frame. A reconnection (for publishes)
+        leaves this to finish once the stream's reader has taken the rest."""
+        me = asyncio.current_task()
+        assert me is not None
+        self._handing_on.add(me)
+        try:
+            await frames.put(error)
+        finally:
+            self._handing_on.discard(me)
 
     def _fail_pending(self, error: BaseException) -> None:
+        """The connection ended: its requests fail, except the keyed publishes, which
+        wait for a reconnection (unless close() was called)."""
         if self._closed is None:
             self._closed = error
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(
-                    error
-                    if isinstance(error, StatecastError)
-                    else ConnectionClosed(f"the connection to {self.url} ended")
-                )
+        kept = {}
+        for rid, fut in self._pending.items():
+            if fut.done():
+                continue
+            if rid in self._unacked and not self._closing:
+                kept[rid] = fut
+                continue
+            fut.set_exception(
+                error
+                if isinstance(error, StatecastError)
+                else ConnectionClosed(f"the connection to {self.url} ended")
+            )
         self._pending.clear()
+        if kept:
+            self._pending.update(kept)
+            self._why = str(error) or type(error).__name__
+            self._reconnect()
 
     def _fail_all(self, error: BaseException) -> None:
         self._fail_pending(error)

@@ -15,6 +15,11 @@ falls back to a full sync, replacing its contents at once, when the server answe
 ``resync_required`` (or the epoch changed, or a gap was seen, or the access token now
 grants another view).
 
+Beside each record's value, the replica keeps the seq of the change that last wrote
+it (:meth:`Replica.seq_of`, :meth:`Replica.get_with_seq`): what a publish gives as
+``if_seq`` for a read-modify-write (§3.3.2). Snapshots, changes, resumes and
+conflated frames all carry that seq (§3.9), so it stays exact through each.
+
 With ``token_provider=`` every (re)connection authenticates with a fresh token, and
 the client refreshes it on the live connection before it expires; a connection closed
 with ``token_expired`` or ``unauthorized`` reconnects with a fresh one. With a static
@@ -28,7 +33,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import ssl as _ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +47,7 @@ from statecast.client.connection import (
     parse_address,
     tls_context_for,
 )
+from statecast.client.failover import Failover, split_urls
 from statecast.core.frames import (
     Authed,
     Bye,
@@ -56,7 +61,6 @@ from statecast.core.frames import (
     SnapshotEnd,
 )
 from statecast.errors import (
-    ConfigError,
     ProtocolError,
     ResyncRequired,
     StatecastError,
@@ -103,15 +107,6 @@ def _view_of(authed: Authed | None) -> str:
 def _token_filters(authed: Authed | None) -> bool:
     """Whether the token narrows what a connection sees (then seqs skip, §5.2)."""
     return authed is not None and (authed.read != "*" or bool(authed.where))
-
-
-def split_urls(url: str | Sequence[str]) -> list[str]:
-    """The node URLs of ``"tcp://a:8989,tcp://b:8989"`` or of a list."""
-    parts = url.split(",") if isinstance(url, str) else list(url)
-    urls = [u.strip() for u in parts if u.strip()]
-    if not urls:
-        raise ConfigError("no server URL given")
-    return urls
 
 
 class Replica:
@@ -162,6 +157,9 @@ class Replica:
         self.on_status = on_status
         self.on_resync = on_resync
         self._data: dict[str, dict[str, Any]] = {}
+        # The seq that last wrote each record (§4.1, §4.2), for if_seq (§3.3): kept
+        # beside the values, so that replica[collection] stays a plain key -> value map.
+        self._seqs: dict[str, dict[str, int]] = {}
         self.seq = -1  # the last applied seq; -1 before the first sync
         self.epoch: str | None = None
         self.status: Status = "stopped"
@@ -228,6 +226,20 @@ class Replica:
     def get(self, collection: str, key: str, default: Any = None) -> Any:
         return self._data.get(collection, {}).get(key, default)
 
+    def seq_of(self, collection: str, key: str) -> int:
+        """The seq of the change that last wrote the record, 0 when the replica does
+        not hold it: what a publish gives as ``if_seq`` to change the record only if
+        nobody else changed it since (§3.3, docs/client.md)."""
+        return self._seqs.get(collection, {}).get(key, 0)
+
+    def get_with_seq(self, collection: str, key: str, default: Any = None) -> tuple[Any, int]:
+        """``(value, seq)`` of a record, read together; ``(default, 0)`` when the
+        replica does not hold it."""
+        seqs = self._seqs.get(collection)
+        if seqs is None or key not in seqs:
+            return default, 0
+        return self._data[collection][key], seqs[key]
+
     def collection_names(self) -> list[str]:
         return sorted(self._data)
 
@@ -248,7 +260,8 @@ class Replica:
 
     # -- the loop --------------------------------------------------------------------
     async def _run(self) -> None:
-        attempt = 0
+        failover = Failover(self.urls, self.min_backoff, self.max_backoff)
+        failover.url = self.url
         while not self._stopping:
             client = Client(
                 self.url,
@@ -282,7 +295,7 @@ class Replica:
                     stream = None
                 if stream is None:
                     stream = self._full_sync(client)
-                attempt = 0
+                failover.succeeded()
                 await self._follow(stream)
                 reason = "the server closed the connection"
             except Unauthorized as exc:
@@ -306,11 +319,8 @@ class Replica:
                 self._client = None
             if self._stopping:
                 break
-            delay = min(self.max_backoff, self.min_backoff * 2**attempt) * random.uniform(0.5, 1.5)
-            attempt += 1
-            if len(self.urls) > 1:  # the next node: it serves the same history
-                self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
-                delay = min(delay, self.min_backoff * random.uniform(0.5, 1.5) * len(self.urls))
+            delay = failover.failed()
+            self.url = failover.url  # the next node, when there are several
             self.reconnects += 1
             self._set_status("reconnecting", f"{reason}; reconnecting in {delay:.1f}s")
             await asyncio.sleep(delay)
@@ -336,6 +346,7 @@ class Replica:
         frames on."""
         self._set_status("syncing", "")
         fresh: dict[str, dict[str, Any]] = {}
+        fresh_seqs: dict[str, dict[str, int]] = {}
         total: int | None = None
         start_bytes = client.bytes_received
         records = 0
@@ -348,6 +359,7 @@ class Replica:
                 begin, total = frame, frame.count
             elif isinstance(frame, Record):
                 fresh.setdefault(frame.collection, {})[frame.key] = frame.value
+                fresh_seqs.setdefault(frame.collection, {})[frame.key] = frame.seq
                 records += 1
                 if self.on_progress is not None and (records & 1023 == 0 or records == total):
                     self.on_progress(Progress(records, client.bytes_received - start_bytes, total))
@@ -355,6 +367,7 @@ class Replica:
                 assert begin is not None
                 first = self.full_syncs == 0
                 self._data = fresh  # replaced at once: readers never see half a sync
+                self._seqs = fresh_seqs
                 self.seq = frame.seq
                 self.epoch = begin.epoch
                 self._synced_view = self._view
@@ -417,10 +430,15 @@ class Replica:
         if change.deleted:
             if records is not None:
                 records.pop(change.key, None)
+                self._seqs[change.collection].pop(change.key, None)
         else:
             if records is None:
                 records = self._data[change.collection] = {}
+                self._seqs[change.collection] = {}
             records[change.key] = change.value
+            # A conflated frame carries the seq of the change that wrote its value
+            # (§3.9), so this holds under conflation too.
+            self._seqs[change.collection][change.key] = change.seq
         self.seq = change.seq
         self.changes_applied += 1
         if self.on_change is not None:

@@ -24,6 +24,7 @@ from statecast.core.values import (
 from statecast.errors import BadRequest, Conflict
 
 __all__ = [
+    "MAX_IDEMPOTENCY_KEY",
     "PROTOCOL_VERSION",
     "AuthRequest",
     "Change",
