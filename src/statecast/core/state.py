@@ -34,7 +34,8 @@ from statecast.core.protocol import PreparedChange
 __all__ = ["Collection", "Record", "Snapshot", "State", "encode_batch"]
 
 # How many slots a snapshot reads between checks of its byte budget.
-_SLICE = 128
+_SLICE = 256
+_get_seq = attrgetter("seq")
 
 
 class Record(msgspec.Struct, gc=False):
@@ -359,32 +360,31 @@ class Snapshot:
         """The next record frames, about ``max_bytes`` of them (at least one record
         when any is left). The snapshot closes itself after the last one."""
         lines: list[bytes] = []
-        if self._state is None:
+        state = self._state
+        if state is None:
             return lines
         size = 0
         seq = self.seq
-        append = lines.append
         colls, ends = self._colls, self._ends
         while self._i < len(colls):
-            slots = colls[self._i].slots
+            coll = colls[self._i]
+            slots = coll.slots
             end = ends[self._i]
             pos = self._pos
             while pos < end and size < max_bytes:
                 stop = min(end, pos + _SLICE)
-                for current in slots[pos:stop]:
-                    rec = current
-                    if rec.seq > seq:  # written after S: find the version at S
-                        older = rec.prev
-                        while older is not None and older.seq > seq:
-                            older = older.prev
-                        if older is None:
-                            continue
-                        rec = older
-                    if rec.deleted:
-                        continue
-                    line = rec.line
-                    append(line)
-                    size += len(line)
+                chunk = slots[pos:stop]
+                # The usual case, at C speed: every slot of the chunk still holds its
+                # version at S (nothing was installed since the snapshot opened, or
+                # nothing newer than S is in the chunk) and none is a tombstone (every
+                # tombstone slot's key is in ``tombstones``, kept while a snapshot is
+                # open).
+                if not coll.tombstones and (state.seq == seq or max(map(_get_seq, chunk)) <= seq):
+                    got = [r.line for r in chunk]
+                    size += sum(map(len, got))
+                    lines += got
+                else:
+                    size += self._read_versions(chunk, lines)
                 pos = stop
             self._pos = pos
             if pos >= end:
@@ -396,6 +396,29 @@ class Snapshot:
         if self._i >= len(colls):
             self.close()
         return lines
+
+    def _read_versions(self, chunk: list[Record], lines: list[bytes]) -> int:
+        """Append to ``lines`` the frames of ``chunk`` as it was at S, one slot at a
+        time: a record newer than S walks back its version chain, a tombstone is
+        skipped. Returns the bytes appended."""
+        seq = self.seq
+        size = 0
+        append = lines.append
+        for current in chunk:
+            rec = current
+            if rec.seq > seq:  # written after S: find the version at S
+                older = rec.prev
+                while older is not None and older.seq > seq:
+                    older = older.prev
+                if older is None:
+                    continue
+                rec = older
+            if rec.deleted:
+                continue
+            line = rec.line
+            append(line)
+            size += len(line)
+        return size
 
     def close(self) -> None:
         state, self._state = self._state, None

@@ -5,7 +5,10 @@ Output to a client is bounded two ways:
 * streams (a snapshot, a catch-up from the log) are produced ``STREAM_STEP`` bytes at a
   time, and only while the bytes waiting for the socket are below ``HIGH_WATER``
   (resuming under ``LOW_WATER``): a syncing client costs the server a few hundred KB
-  however large the state;
+  however large the state. A connection that is alone in waiting for a turn of the
+  loop takes ``STREAM_BURST`` bytes a step instead: a quarter of the loop turns and
+  write calls for a big snapshot, while no other connection waits for a turn (one
+  that sends a request now and then may wait behind one such step);
 * live changes are never held back, so a subscriber for which more than
   ``max_pending`` bytes would wait is cut off with ``slow_consumer`` instead
   (:func:`cut_slow_consumer`); it resumes with ``subscribe from`` its last seq.
@@ -26,6 +29,7 @@ __all__ = [
     "CLOSE_LINGER",
     "HIGH_WATER",
     "LOW_WATER",
+    "STREAM_BURST",
     "STREAM_STEP",
     "cut_slow_consumer",
     "over_limit",
@@ -37,6 +41,7 @@ log = logging.getLogger("statecast.transports.output")
 HIGH_WATER: Final = 256 * 1024
 LOW_WATER: Final = 64 * 1024
 STREAM_STEP: Final = 128 * 1024
+STREAM_BURST: Final = 512 * 1024
 # How long a connection we close may take to flush its last frames.
 CLOSE_LINGER: Final = 2.0
 

@@ -20,6 +20,7 @@ from statecast.transports.output import (
     CLOSE_LINGER,
     HIGH_WATER,
     LOW_WATER,
+    STREAM_BURST,
     STREAM_STEP,
     cut_slow_consumer,
     over_limit,
@@ -29,6 +30,11 @@ from statecast.transports.output import (
 __all__ = ["TcpConnection"]
 
 log = logging.getLogger("statecast.transports.tcp")
+
+# How many connections have a step scheduled, per event loop (§7 fairness): one that
+# finds no other waiting for a turn streams STREAM_BURST bytes in its step, else
+# STREAM_STEP. Entries go when they reach zero.
+_queued: dict[asyncio.AbstractEventLoop, int] = {}
 
 
 class TcpConnection(asyncio.Protocol):
@@ -112,6 +118,7 @@ class TcpConnection(asyncio.Protocol):
         if self._step_handle is not None:
             self._step_handle.cancel()
             self._step_handle = None
+            self._dequeue()
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
@@ -212,16 +219,29 @@ class TcpConnection(asyncio.Protocol):
     def _schedule_step(self) -> None:
         if self._step_handle is None and not self._write_paused:
             self._step_handle = self._loop.call_soon(self._step)
+            _queued[self._loop] = _queued.get(self._loop, 0) + 1
+
+    def _dequeue(self) -> bool:
+        """A scheduled step ran or was cancelled; whether no other connection of this
+        loop has one scheduled."""
+        loop = self._loop
+        left = _queued[loop] - 1
+        if left:
+            _queued[loop] = left
+        else:
+            del _queued[loop]
+        return not left
 
     def _step(self) -> None:
         # One step per loop turn (a stream step, or a slice of requests), so one busy
         # client never starves the others.
         self._step_handle = None
+        alone = self._dequeue()
         session = self.session
         if session is None or self._closing or self._write_paused:
             return
         if session.streaming:
-            session.pump(STREAM_STEP)
+            session.pump(STREAM_BURST if alone else STREAM_STEP)
         else:
             session.resume()
         self._after()
