@@ -5,11 +5,13 @@ from __future__ import annotations
 import ast
 import math
 import re
+import uuid
 from pathlib import Path
 
 import pytest
 
 from statecast.core import policy
+from statecast.core.filters import parse_where, share_where
 from statecast.core.policy import ALL, NONE, Grant
 from statecast.errors import ConfigError, Forbidden, Unauthorized
 
@@ -33,7 +35,7 @@ def fs(*names: str) -> frozenset[str]:
 # -- purity -------------------------------------------------------------------------
 
 
-def test_policy_imports_only_stdlib_and_errors() -> None:
+def test_policy_imports_only_stdlib_msgspec_and_errors() -> None:
     source = Path(policy.__file__).read_text()
     imported: set[str] = set()
     for node in ast.walk(ast.parse(source)):
@@ -49,6 +51,7 @@ def test_policy_imports_only_stdlib_and_errors() -> None:
         "dataclasses",
         "json",
         "math",
+        "msgspec",
         "re",
         "typing",
         "statecast.errors",
@@ -332,3 +335,88 @@ def test_expiry_helpers() -> None:
     assert not g.expired(100.5, leeway=1)
     assert g.seconds_left(40) == 60
     assert g.seconds_left(140) == 0
+
+
+# -- sharing --------------------------------------------------------------------------
+
+
+def claims_of(sub: str = "alice", **extra: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "sub": sub,
+        "exp": 2_000_000_000,
+        "read": ["orders", "positions"],
+        "publish": [],
+        "where": {"account": "ACC-1"},
+    }
+    base.update(extra)
+    return base
+
+
+def test_equal_claims_give_one_grant() -> None:
+    a = Grant.from_claims(claims_of())
+    assert Grant.from_claims(claims_of()) is a
+    assert Grant.from_claims(claims_of(exp=2_000_000_000.0)) is a  # the same number
+    b = Grant.from_claims(claims_of("bob"))
+    assert b is not a
+    # Other subjects with the same claims share the parts.
+    assert b.where is a.where
+    assert b.read is a.read
+    assert b.publish is NONE
+    assert Grant.from_claims(claims_of(read=["positions", "orders"])).read is a.read
+
+
+def test_shared_where_keeps_json_types_apart() -> None:
+    one, real, true = (Grant.from_claims(claims_of(where={"n": v})) for v in (1, 1.0, True))
+    assert [type(g.where["n"]) for g in (one, real, true) if g.where] == [int, float, bool]
+    assert one.where is not real.where
+    assert Grant(sub="x", where={"a": None}).where == {"a": None}
+    with pytest.raises(ConfigError, match="JSON"):
+        Grant(sub="x", where={"a": math.nan})  # never taken for the null just kept
+    with pytest.raises(Unauthorized, match="NaN"):
+        Grant.from_claims(claims_of(where={"a": math.nan}))
+
+
+def test_shared_where_only_for_plain_json() -> None:
+    u = uuid.UUID(int=7)
+    assert Grant(sub="x", where={"id": str(u)}).where == {"id": str(u)}
+    with pytest.raises(ConfigError, match="JSON"):
+        Grant(sub="x", where={"id": u})  # msgspec would spell it as the string
+    assert Grant(sub="x", where={"a": (1, 2)}).where == {"a": [1, 2]}  # as JSON does
+    big: dict[str, object] = {"a": 10**30}  # beyond MessagePack: not shared, still a grant
+    assert Grant(sub="x", where=big).where == big
+
+
+def test_a_grant_where_is_never_the_callers_object() -> None:
+    mine: dict[str, object] = {"account": "ACC-1"}
+    g = Grant(sub="x", where=mine)
+    mine["account"] = "ACC-2"
+    assert g.where == {"account": "ACC-1"}
+    frame = g.to_frame()
+    assert frame["where"] == {"account": "ACC-1"}
+    assert frame["where"] is not g.where
+    claims = g.to_claims()
+    assert claims["where"] is not g.where
+
+
+def test_grants_share_one_parsed_filter() -> None:
+    a = Grant.from_claims(claims_of("a", where={"account": "ACC-9"}))
+    b = Grant.from_claims(claims_of("b", where={"account": "ACC-9"}))
+    w = share_where(a.where, "token.where")
+    assert w is not None
+    assert parse_where(b.where, "token.where") is w  # found by identity
+    assert parse_where({"account": "ACC-9"}) is w  # equal filters are one object
+    assert parse_where({"account": {"in": ["ACC-9", "ACC-9"]}}) is w
+    assert parse_where({"f": {"in": []}}) is parse_where({"g": 1, "h": {"in": []}})
+
+
+def test_huge_numbers_are_not_times() -> None:
+    with pytest.raises(Unauthorized, match="'exp' claim must be a number"):
+        Grant.from_claims(claims_of(exp=10**400))
+
+
+def test_sharing_tables_stay_small() -> None:
+    for i in range(3 * policy._GRANTS_SIZE):
+        Grant.from_claims(claims_of(f"user-{i}", where={"account": f"A-{i}"}, read=[f"c{i}"]))
+    assert len(policy._grants) <= policy._GRANTS_SIZE
+    assert len(policy._wheres) <= policy._SHARED_SIZE
+    assert len(policy._scopes) <= policy._SHARED_SIZE

@@ -113,6 +113,7 @@ __all__ = [
     "Where",
     "conjoin",
     "parse_where",
+    "share_where",
     "transition",
 ]
 
@@ -123,6 +124,10 @@ MAX_STRING_LENGTH: Final = 1024
 
 # How many distinct values a FilterSet remembers the results for (per generation).
 DEFAULT_CACHE_SIZE: Final = 4096
+# How many distinct filters parse_where hands out shared, and how many shared claim
+# objects it remembers by identity (each table starts over when full).
+_INTERNED_SIZE: Final = 4096
+_SHARED_SIZE: Final = 1024
 
 Scalar: TypeAlias = str | int | float | bool | None
 Move: TypeAlias = Literal["upsert", "delete"]
@@ -402,16 +407,56 @@ _CONSTRUCT: Final = object()
 Where.NOTHING = Where({"_nothing": frozenset()}, _token=_CONSTRUCT)
 
 
+# Equal filters are one object: thousands of connections with a few distinct filters
+# (one per account, say) hold a few Where objects, not thousands. Seeded with NOTHING,
+# so every filter that matches nothing is that one.
+_interned: dict[Where, Where] = {Where.NOTHING: Where.NOTHING}
+# Read-only filter objects (a grant's where claim, shared by every connection with the
+# same claim, policy.py) by id, with their parsed filter: the object is held, so the id
+# is not reused while it is here.
+_shared: dict[int, tuple[object, Where | None]] = {}
+
+
+def _intern(where: Where) -> Where:
+    found = _interned.get(where)
+    if found is not None:
+        return found
+    if len(_interned) >= _INTERNED_SIZE:
+        _interned.clear()
+        _interned[Where.NOTHING] = Where.NOTHING
+    _interned[where] = where
+    return where
+
+
+def share_where(obj: object, field: str = "where") -> Where | None:
+    """:func:`parse_where` for an object that is never mutated and is presented again
+    (a grant's ``where`` claim): parsed once, then found by identity, by this function
+    and by :func:`parse_where` alike. Errors are not remembered."""
+    if obj is None:
+        return None
+    hit = _shared.get(id(obj))
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    where = parse_where(obj, field)
+    if len(_shared) >= _SHARED_SIZE:
+        _shared.clear()
+    _shared[id(obj)] = (obj, where)
+    return where
+
+
 def parse_where(obj: object, field: str = "where") -> Where | None:
     """Validate a decoded JSON ``where``; ``None`` means "no filter".
 
     ``None`` and ``{}`` give ``None`` (every record matches). Anything malformed raises
     :class:`~statecast.errors.BadRequest` naming the path from ``field``, e.g.
     ``where.account: 'in' must be a list, not a string``; pass ``field="token.where"``
-    for a token's claim.
+    for a token's claim. Equal filters come back as the same object.
     """
     if obj is None:
         return None
+    hit = _shared.get(id(obj))
+    if hit is not None and hit[0] is obj:
+        return hit[1]
     if not isinstance(obj, Mapping):
         raise BadRequest(f"{field}: must be an object, not {_type_name(obj)}")
     if not obj:
@@ -428,7 +473,7 @@ def parse_where(obj: object, field: str = "where") -> Where | None:
                 f"{field}: field name {shown!r} must be 1 to {MAX_FIELD_LENGTH} characters"
             )
         conds[str(name)] = _parse_condition(cond, _path(field, name))
-    return Where(conds, _token=_CONSTRUCT)
+    return _intern(Where(conds, _token=_CONSTRUCT))
 
 
 def conjoin(a: Where | None, b: Where | None) -> Where | None:

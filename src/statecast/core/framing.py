@@ -48,7 +48,13 @@ class LineReader:
             self._broken = True
             raise TooLarge(f"request line longer than {self.max_line} bytes")
         line = bytes(buf[self._pos : end])
-        self._pos = end + 1
+        if end + 1 == len(buf):
+            # All read: an idle connection keeps no request bytes (an auth line, with
+            # its token, is about 300: docs/performance.md, access control).
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end + 1
         if line.endswith(b"\r"):
             line = line[:-1]
         return line

@@ -1,6 +1,6 @@
 """What an authenticated connection may do: the :class:`Grant` and its rules.
 
-Pure: standard library and :mod:`statecast.errors` only, no I/O and no JWT. The
+Pure: standard library, msgspec and :mod:`statecast.errors` only, no I/O and no JWT. The
 signature and clock checks live in :mod:`statecast.tokens`, which turns a verified
 token's claims into a :class:`Grant` with :meth:`Grant.from_claims`; the session holds
 one grant per connection and asks it before every sync, subscribe and publish.
@@ -38,6 +38,15 @@ Rules
 
   A refresh that breaks a rule raises ``Forbidden``; the connection keeps its old
   grant. To widen its rights a client reconnects with the new token.
+
+Sharing
+-------
+Thousands of connections often hold a handful of distinct claims (one per user, one
+``where`` per account). Grants are immutable, so equal parts are shared rather than
+copied per connection: scopes and ``where`` objects are interned, and
+:meth:`Grant.from_claims` hands out one grant per distinct claims. Each table is a
+small dict that starts over when full; sharing saves memory and time, never changes a
+result.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import ClassVar, Final, TypeAlias
+
+import msgspec
 
 from statecast.errors import ConfigError, Forbidden, Unauthorized
 
@@ -68,8 +79,9 @@ RequestId: TypeAlias = int | str | None
 Scope: TypeAlias = frozenset[str] | None
 """A set of collections: ``None`` = all (``"*"``), an empty frozenset = none."""
 
+_EMPTY: Final[frozenset[str]] = frozenset()
 ALL: Final[Scope] = None
-NONE: Final[Scope] = frozenset()
+NONE: Final[Scope] = _EMPTY
 
 # docs/protocol.md §9 (the same rule as the protocol's collection names).
 COLLECTION_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
@@ -84,6 +96,101 @@ def _show(name: object) -> str:
 def _canonical(where: Mapping[str, object] | None) -> str:
     """JSON text that is equal exactly when two filters are (1, 1.0 and true differ)."""
     return json.dumps(where, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+# -- sharing (see "Sharing" in the module docstring) ---------------------------------
+
+_SHARED_SIZE: Final = 1024
+_GRANTS_SIZE: Final = 1024
+
+# A claim's list of names -> its scope (lists are validated before they are kept), and
+# each distinct scope once.
+_scopes: dict[tuple[str, ...], frozenset[str]] = {}
+_scope_sets: dict[frozenset[str], frozenset[str]] = {}
+# Key of a where object (below) -> (the shared read-only copy, its key).
+_wheres: dict[bytes, tuple[dict[str, object], bytes]] = {}
+# (sub, exp, read, publish, where key) -> the grant.
+_grants: dict[tuple[str, float, Scope, Scope, bytes | None], Grant] = {}
+
+
+def _shared_scope(names: list[str]) -> frozenset[str]:
+    """The frozenset of a list of valid collection names, shared with equal lists."""
+    key = tuple(names)
+    found = _scopes.get(key)
+    if found is not None:
+        return found
+    scope = frozenset(names)
+    scope = _scope_sets.setdefault(scope, scope) if scope else _EMPTY
+    if len(_scopes) >= _SHARED_SIZE:
+        _scopes.clear()
+        _scope_sets.clear()
+    _scopes[key] = scope
+    return scope
+
+
+_PLAIN: Final = (str, int, float, bool, type(None))
+_MAX_SHARED_DEPTH: Final = 16
+
+
+def _plain_json(value: object, depth: int = 0) -> bool:
+    """Made only of the types JSON decodes to (exactly: no subclasses, no tuples)."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return True
+    if depth >= _MAX_SHARED_DEPTH:
+        return False
+    if kind is dict:
+        assert isinstance(value, dict)
+        for k, v in value.items():
+            if type(k) is not str or (type(v) not in _PLAIN and not _plain_json(v, depth + 1)):
+                return False
+        return True
+    if kind is list:
+        assert isinstance(value, list)
+        return all(type(v) in _PLAIN or _plain_json(v, depth + 1) for v in value)
+    return False
+
+
+def _where_key(where: Mapping[str, object]) -> bytes | None:
+    """Bytes equal only for where objects with the same canonical JSON, or ``None``
+    (not shared: not made of plain JSON types, or an int beyond 64 bits).
+
+    MessagePack with sorted keys: each JSON type has its own encoding (1, 1.0 and true
+    differ) and floats are exact, NaN included, so NaN never meets null as it would in
+    msgspec's JSON (a NaN is refused before anything with it is kept)."""
+    if not _plain_json(where):
+        return None
+    try:
+        return msgspec.msgpack.encode(where, order="sorted")
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _shared_where(where: Mapping[str, object]) -> tuple[dict[str, object], bytes | None]:
+    """A private, read-only copy of a where object that is JSON, shared with every
+    other equal one, and its key; ``ValueError``/``TypeError`` if it is not JSON (NaN,
+    infinity, an object that JSON has no form for)."""
+    key = _where_key(where)
+    if key is not None:
+        found = _wheres.get(key)
+        if found is not None:
+            return found
+    copied = json.loads(_canonical(where))  # a private copy, and proof that it is JSON
+    if key is None:
+        return copied, None
+    if len(_wheres) >= _SHARED_SIZE:
+        _wheres.clear()
+    entry = _wheres[key] = (copied, key)
+    return entry
+
+
+def _copy_where(where: dict[str, object]) -> dict[str, object]:
+    """A deep copy of a JSON where object, fast when it is one msgspec represents."""
+    try:
+        copied: dict[str, object] = msgspec.msgpack.decode(msgspec.msgpack.encode(where))
+    except (TypeError, ValueError, OverflowError, msgspec.DecodeError):
+        return copy.deepcopy(where)
+    return copied
 
 
 def _scope_frame(scope: Scope) -> str | list[str]:
@@ -116,6 +223,12 @@ def _claim_scope(claims: Mapping[str, object], name: str, rid: RequestId) -> Sco
             f'the token\'s {name!r} claim must be "*" or a list of collection names',
             request_id=rid,
         )
+    try:  # a list seen before is valid: only valid ones are kept
+        found = _scopes.get(tuple(value))
+    except TypeError:  # an item that cannot be hashed: not a name, found below
+        found = None
+    if found is not None:
+        return found
     for item in value:
         if not isinstance(item, str) or not COLLECTION_RE.fullmatch(item):
             raise Unauthorized(
@@ -123,11 +236,23 @@ def _claim_scope(claims: Mapping[str, object], name: str, rid: RequestId) -> Sco
                 "(1 to 128 of A-Z a-z 0-9 _ . -)",
                 request_id=rid,
             )
-    return frozenset(value)
+    return _shared_scope(value)
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number (not a bool), one that a float holds (an int of 400 digits
+    is not: ``float()`` of it overflows)."""
+    kind = type(value)
+    if (  # float and int first: the types JSON decodes to
+        kind is not float
+        and kind is not int
+        and (not isinstance(value, int | float) or isinstance(value, bool))
+    ):
+        return False
+    try:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +289,8 @@ class Grant:
         if self.where is not None:
             if not isinstance(self.where, dict) or not all(isinstance(k, str) for k in self.where):
                 raise ConfigError("Grant.where must be a JSON object (a dict) or None")
-            try:  # a private copy, and proof that it is JSON
-                where = json.loads(_canonical(self.where))
+            try:  # a private copy (shared with equal ones), and proof that it is JSON
+                where, _ = _shared_where(self.where)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"Grant.where must be JSON: {exc}") from None
             object.__setattr__(self, "where", where)
@@ -205,25 +330,39 @@ class Grant:
                 request_id=rid,
             )
         where = claims.get("where")
+        where_key: bytes | None = b""  # b"": no where
         if where is not None:
             if not isinstance(where, dict):
                 raise Unauthorized(
                     "the token's 'where' claim must be a JSON object or null", request_id=rid
                 )
             try:
-                _canonical(where)
+                where, where_key = _shared_where(where)
             except ValueError:  # NaN or Infinity, which json.loads lets through
                 raise Unauthorized(
                     "the token's 'where' claim must not hold NaN or Infinity", request_id=rid
                 ) from None
         assert isinstance(exp, int | float)
-        return cls(
-            sub=sub,
-            read=_claim_scope(claims, "read", rid),
-            publish=_claim_scope(claims, "publish", rid),
-            where=where,
-            exp=float(exp),
-        )
+        read = _claim_scope(claims, "read", rid)
+        publish = _claim_scope(claims, "publish", rid)
+        if where_key is None:  # not shareable: built and checked as any other grant
+            return cls(sub=sub, read=read, publish=publish, where=where, exp=float(exp))
+        key = (sub, float(exp), read, publish, where_key)
+        grant = _grants.get(key)
+        if grant is None:
+            # Every part is checked (the scopes by _claim_scope, where by _shared_where):
+            # no need for __post_init__ to check them again.
+            grant = object.__new__(cls)
+            setattr_ = object.__setattr__
+            setattr_(grant, "sub", sub)
+            setattr_(grant, "read", read)
+            setattr_(grant, "publish", publish)
+            setattr_(grant, "where", where)
+            setattr_(grant, "exp", key[1])
+            if len(_grants) >= _GRANTS_SIZE:
+                _grants.clear()
+            _grants[key] = grant
+        return grant
 
     def to_claims(self) -> dict[str, object]:
         """The claims that :meth:`from_claims` turns back into this grant (``exp`` as
@@ -234,7 +373,7 @@ class Grant:
             "publish": _scope_frame(self.publish),
         }
         if self.where is not None:
-            claims["where"] = copy.deepcopy(self.where)
+            claims["where"] = _copy_where(self.where)
         if self.exp is not None:
             claims["exp"] = math.floor(self.exp)
         return claims
@@ -248,7 +387,7 @@ class Grant:
         return {
             "sub": self.sub,
             "read": _scope_frame(self.read),
-            "where": copy.deepcopy(self.where),
+            "where": None if self.where is None else _copy_where(self.where),
             "publish": _scope_frame(self.publish),
             "exp": None if self.exp is None else math.floor(self.exp),
         }
@@ -321,7 +460,7 @@ class Grant:
                 f"(the connection is {_show(self.sub)}, the token is for {_show(new.sub)})",
                 request_id=rid,
             )
-        if _canonical(new.where) != _canonical(self.where):
+        if new.where is not self.where and _canonical(new.where) != _canonical(self.where):
             raise Forbidden("a refreshed token may not change the 'where' filter", request_id=rid)
         for name, old_scope, new_scope in (
             ("read", self.read, new.read),
