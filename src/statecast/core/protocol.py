@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from operator import attrgetter
-from typing import Annotated, Any, Final, NamedTuple, TypeAlias
+from typing import Annotated, Any, Final, NamedTuple, TypeAlias, cast
 
 import msgspec
 
@@ -315,9 +314,11 @@ def conditions_of(
     typed by msgspec already) or that makes no sense: ``if_seq: 0`` (must not exist)
     on a delete."""
     if changes and type(changes[0]) is ChangeIn:
-        # The wire's changes, typed by msgspec: one pass at C speed over their if_seq
-        # finds the usual batch without any (this runs for every publish).
-        if_seqs = list(map(_if_seq_of, changes))
+        # The wire's changes (msgspec typed them): the usual batch has no if_seq, found
+        # with one comprehension and a count instead of the loop below (this runs for
+        # every publish).
+        wire = cast("Sequence[ChangeIn]", changes)
+        if_seqs = [c.if_seq for c in wire]
         if if_seqs.count(None) == len(if_seqs):
             return None
     out: Conditions | None = None
@@ -490,11 +491,6 @@ def prepare_changes(
     return out
 
 
-_collection_of = attrgetter("collection")
-_key_of = attrgetter("key")
-_value_of = attrgetter("value")
-_delete_of = attrgetter("delete")
-_if_seq_of = attrgetter("if_seq")
 # Every byte but the opening brackets and the newline (values of a plain line hold no
 # newline, so it separates them).
 _NOT_OPENER: Final = bytes(b for b in range(256) if b not in b"[{\n")
@@ -517,17 +513,19 @@ def _prepare_request(request: PublishRequest, plain: bool) -> list[PreparedChang
     n = len(changes)
     if not n:
         raise BadRequest("'changes' must not be empty", request_id=rid)
-    names = list(map(_collection_of, changes))
-    keys = list(map(_key_of, changes))
+    # (Comprehensions rather than map(attrgetter): CPython 3.11 specialises their
+    # attribute loads, and they come out about twice as fast.)
+    names = [c.collection for c in changes]
+    keys = [c.key for c in changes]
     known = _known_collections
     if not known.issuperset(names) or "" in keys or max(map(len, keys)) > MAX_KEY_LENGTH:
         _check_publish_target(request, rid)  # raises, naming the change
         for name in set(names):
             if len(known) < 4096:
                 known.add(name)
-    if not plain or any(map(_delete_of, changes)):
+    if not plain or True in [c.delete for c in changes]:
         return _prepare_each(request, plain)
-    values = list(map(bytes, map(_value_of, changes)))
+    values = [bytes(c.value) for c in changes]
     if b"" in values:
         return _prepare_each(request, plain)  # raises, naming the change with no value
     # §9: a value of a plain line is canonical once it has at most MAX_DEPTH opening

@@ -118,12 +118,25 @@ _RANGE_REASON: Final = (
 )
 
 
+# plain_line's one translation: what _TO_ZERO does, and every byte that is not plain
+# (whitespace, controls, the backslash, non-ASCII) becomes a backslash.
+_PLAIN_AND_ZERO: Final = bytes(0x5C if b not in _PLAIN_LINE else _TO_ZERO[b] for b in range(256))
+
+
 def plain_line(line: bytes) -> bool:
     """Whether a whole request line is compact printable ASCII without escapes or
     huge numbers: then every value in it is canonical as soon as it is
     :func:`shallow` (one pass over the line instead of one per value, on the ingest
-    hot path)."""
-    return not line.translate(None, _PLAIN_LINE) and not _may_hold_big_number(line)
+    hot path).
+
+    The same test as ``not line.translate(None, _PLAIN_LINE) and not
+    _may_hold_big_number(line)``, with one translation instead of two: bytes that are
+    not plain become a backslash (which no plain byte maps to), digits and signs "0",
+    "E" "e"; then three substring searches, at C speed. It runs over every byte of
+    every publish line, so the second pass it saves is about 0.2 µs per change of 200
+    bytes (docs/performance.md)."""
+    t = line.translate(_PLAIN_AND_ZERO)
+    return b"\\" not in t and b"e000" not in t and _LONG_RUN not in t
 
 
 def _numbers_in_range(raw: bytes) -> None:
