@@ -18,19 +18,7 @@ RUNS = [
     ["ingest.py", "--changes", "1000000", "--batch", "1000", "--store", "memory"],
     ["ingest.py", "--changes", "1000000", "--batch", "1000", "--store", "sqlite"],
     ["startup.py", "--records", "1000000", "--retain", "1000000"],
-    ["latency.py", "--subscribers", "1000", "--rate", "10000", "--seconds", "10"],
-    ["latency.py", "--subscribers", "1000", "--rate", "2000", "--seconds", "10"],
-    [
-        "latency.py",
-        "--subscribers",
-        "100",
-        "--rate",
-        "10000",
-        "--seconds",
-        "10",
-        "--sample-every",
-        "5",
-    ],
+    ["latency.py", "--quick"],
 ]
 
 

@@ -98,6 +98,9 @@ class Config:
     # Timeouts
     heartbeat: float | None = 10.0  # seconds of silence before a heartbeat; None: off
     flush_interval: float = 0.0  # least seconds between two fan-out flushes (§7)
+    # How long the fan-out waits after a flush (docs/fanout.md, "Pacing"): "throughput"
+    # (as long as the flush took) or "latency" (only as long as other work needs).
+    flush_pacing: Literal["throughput", "latency"] = "throughput"
     shutdown_grace: float = 5.0  # seconds for output to drain on shutdown (§8)
     auth_timeout: float = 10.0  # seconds a connection has to authenticate, with auth (§3.8)
     request_timeout: float | None = 30.0  # seconds to finish a request line once begun

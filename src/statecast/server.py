@@ -200,7 +200,9 @@ class Server:
         plan = await self._prepare_source(store) if cfg.source is not None else None
         self._engine = Engine(
             store,
-            FlushPacer(loop, cfg.flush_interval).schedule,
+            FlushPacer(
+                loop, cfg.flush_interval, follow_demand=cfg.flush_pacing == "latency"
+            ).schedule,
             timer=loop.call_later,
             dedupe_window=cfg.dedupe_window,
         )

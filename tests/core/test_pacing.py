@@ -58,3 +58,81 @@ def test_minimum_interval() -> None:
     loop.run_next()
     pacer.schedule(lambda: None)
     assert loop.calls[0][0] == pytest.approx(0.010)
+
+
+class FakeCpu:
+    """The loop thread's CPU time: advanced by hand, as work is done."""
+
+    def __init__(self) -> None:
+        self.now = 5.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def busy(loop: FakeLoop, cpu: FakeCpu, seconds: float) -> None:
+    """The loop works (not the fan-out) for ``seconds``."""
+    loop.now += seconds
+    cpu.now += seconds
+
+
+def test_following_demand_a_loop_with_little_else_to_do_flushes_again_soon() -> None:
+    loop, cpu = FakeLoop(), FakeCpu()
+    pacer = FlushPacer(loop, 0.0, follow_demand=True, cpu_clock=cpu)
+    flush_cost = 0.010  # a thousand subscribers
+
+    def flush() -> None:
+        busy(loop, cpu, flush_cost)
+
+    for _ in range(2):
+        busy(loop, cpu, 0.0002)  # one small publish handled
+        pacer.schedule(flush)
+        loop.calls[0] = (0.0, *loop.calls[0][1:])
+        loop.run_next()
+    pacer.schedule(flush)
+    # Not 0.010: twice what other work used in the last gap.
+    assert loop.calls[0][0] == pytest.approx(0.0004)
+
+
+def test_following_demand_busy_ingest_keeps_half_the_loop() -> None:
+    loop, cpu = FakeLoop(), FakeCpu()
+    pacer = FlushPacer(loop, 0.0, follow_demand=True, cpu_clock=cpu)
+
+    def flush() -> None:
+        busy(loop, cpu, 0.010)
+
+    pacer.schedule(flush)
+    loop.run_next()
+    gaps = []
+    for _ in range(8):
+        pacer.schedule(flush)
+        gap = loop.calls[0][0]
+        gaps.append(gap)
+        busy(loop, cpu, max(gap, 0.001))  # ingest fills whatever gap it is given
+        loop.calls[0] = (0.0, *loop.calls[0][1:])
+        loop.run_next()
+    assert gaps[-1] == pytest.approx(0.010)  # as long as the flush: the fan-out gets half
+    assert gaps == sorted(gaps)  # reached by doubling
+
+
+def test_following_demand_a_flush_slowed_by_other_processes_backs_off() -> None:
+    loop, cpu = FakeLoop(), FakeCpu()
+    pacer = FlushPacer(loop, 0.0, follow_demand=True, cpu_clock=cpu)
+
+    def flush() -> None:
+        busy(loop, cpu, 0.002)
+        loop.now += 0.006  # descheduled: wall time passes, this thread's CPU time does not
+
+    pacer.schedule(flush)
+    loop.run_next()
+    pacer.schedule(flush)
+    assert loop.calls[0][0] == pytest.approx(0.006)
+
+
+def test_following_demand_keeps_the_minimum_interval() -> None:
+    loop, cpu = FakeLoop(), FakeCpu()
+    pacer = FlushPacer(loop, 0.010, follow_demand=True, cpu_clock=cpu)
+    pacer.schedule(lambda: None)
+    loop.run_next()
+    pacer.schedule(lambda: None)
+    assert loop.calls[0][0] == pytest.approx(0.010)

@@ -295,6 +295,13 @@ def main() -> None:
     help="Least seconds between two fan-out flushes: more changes per write, more latency.",
 )
 @option(
+    "--flush-pacing",
+    default=_defaults.flush_pacing,
+    type=click.Choice(["throughput", "latency"]),
+    help="After a flush, wait as long as it took (throughput) or only as long as other "
+    "work needs (latency: lower p99 with many subscribers, fewer changes per write).",
+)
+@option(
     "--shutdown-grace",
     default=_defaults.shutdown_grace,
     type=float,
