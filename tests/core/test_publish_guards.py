@@ -128,6 +128,21 @@ def test_if_seq_zero_means_the_record_must_not_exist() -> None:
     assert "does not exist, and if_seq says it is at seq 5" in err.message
 
 
+def test_if_seq_zero_holds_for_a_record_deleted_under_an_open_snapshot() -> None:
+    """A deleted record stays in its collection as a tombstone while a snapshot is
+    open: it does not exist for if_seq."""
+    engine = new_engine()
+    publish(engine, Change("c", "a", 1), Change("c", "b", 1))
+    snap = engine.snapshot(None)
+    publish(engine, Change("c", "a", delete=True))
+    (err,) = publish(engine, Change("c", "a", 2, if_seq=0), Change("c", "b", 2, if_seq=0))
+    assert isinstance(err, Conflict)
+    assert (err.change, err.current_seq) == (1, 2)
+    (s,) = publish(engine, Change("c", "a", 2, if_seq=0), Change("c", "new", 1, if_seq=0))
+    assert s == 5
+    snap.close()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

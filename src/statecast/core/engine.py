@@ -275,13 +275,11 @@ class Engine:
         self, batch: Sequence[PreparedChange], conditions: Conditions, rid: RequestId
     ) -> Conflict | None:
         """§3.3.2: the first condition of a batch that does not hold, as the error."""
-        get = self.store.state.get
-
-        def seq_of(collection: str, key: str) -> int:
-            rec = get(collection, key)
-            return 0 if rec is None else rec.seq
-
-        return check_conditions(batch, conditions, seq_of, rid)
+        miss = self.store.state.first_mismatch(batch, conditions)
+        if miss is None:
+            return None
+        i, expected, current = miss
+        return check_conditions(batch, [(i, expected)], lambda _c, _k: current, rid)
 
     def install(self, records: list[Record]) -> None:
         """A committed batch becomes part of the state and the log, and is queued for

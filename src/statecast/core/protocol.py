@@ -321,6 +321,10 @@ def conditions_of(
         if_seqs = [c.if_seq for c in wire]
         if if_seqs.count(None) == len(if_seqs):
             return None
+        if 0 not in if_seqs or not any(c.delete for c in wire):
+            # msgspec has checked each is an int >= 0, and no delete says "must not
+            # exist": every one is a condition as it is.
+            return [(i, s) for i, s in enumerate(if_seqs) if s is not None]
     out: Conditions | None = None
     for i, c in enumerate(changes):
         if isinstance(c, Mapping):

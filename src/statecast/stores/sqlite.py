@@ -28,7 +28,7 @@ Schema (version 4; see MIGRATIONS for what versions 1 to 3 lacked)::
     records(collection, key, seq, line)      the state at folded_seq: one row per live record
     changes(first_seq PRIMARY KEY, last_seq, body)   the log, one row per commit: every
                                              change after folded_seq, and the retained ones
-    idempotency_keys(key PRIMARY KEY, seq, at)       §3.3: the key of a batch, written by
+    idempotency_keys(seq PRIMARY KEY, key UNIQUE, at)  §3.3: the key of a batch, written by
                                              the commit that writes the batch (its last
                                              seq, when), kept for the dedupe window
 
@@ -90,7 +90,11 @@ CREATE TABLE changes (
     last_seq INTEGER NOT NULL,
     body BLOB NOT NULL
 );
-CREATE TABLE idempotency_keys (key TEXT PRIMARY KEY, seq INTEGER NOT NULL, at REAL NOT NULL);
+CREATE TABLE idempotency_keys (
+    seq INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    at REAL NOT NULL
+);
 """
 _KEYS_TABLE: Final = _SCHEMA[_SCHEMA.index("CREATE TABLE idempotency_keys") :].rstrip(";\n ")
 _KEY: Final = "INSERT OR REPLACE INTO idempotency_keys (key, seq, at) VALUES (?, ?, ?)"
@@ -148,6 +152,9 @@ _FOLD_EAGER = 10_000
 _FOLD_IDLE = 0.005
 _FOLD_EVERY = 0.2
 _FOLD_RETRY = 0.5  # seconds before a fold that failed (locked, disk full) is tried again
+# Seconds between two trims of the idempotency keys (a walk of the newest
+# ``dedupe_keep`` rows of the seq index, then a range delete).
+_KEYS_TRIM_EVERY = 10.0
 # For tests only: seconds each fold transaction waits before its commit, so that a
 # fold can be seen running and killed in the middle (tests/stores/test_sqlite_fold.py).
 _FOLD_DELAY_ENV: Final = "STATECAST_TEST_FOLD_DELAY"
@@ -1380,9 +1387,9 @@ class SQLiteStore:
 
     def _trim_keys(self) -> None:
         """Drop the idempotency keys the engine has forgotten (past the window, beyond
-        the ``dedupe_keep`` newest), at most once a second, between commits."""
+        the ``dedupe_keep`` newest), now and then (_KEYS_TRIM_EVERY), between commits."""
         now = time.time()
-        if now - self._keys_at < 1.0:
+        if now - self._keys_at < _KEYS_TRIM_EVERY:
             return
         self._keys_at = now
         try:
