@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from statecast.core.dedupe import Dedupe
-from statecast.core.engine import Duplicate, Engine
+from statecast.core.engine import Duplicate, Engine, _InFlight
 from statecast.core.protocol import (
     Change,
     Conditions,
@@ -441,3 +441,18 @@ def check_subscriber(
             copy[f["key"]] = (f["seq"], f["value"])
     assert seen == list(range(1, seq + 1))
     assert copy == model
+
+
+def test_a_record_written_by_two_batches_in_flight_stays_held_until_both_commit() -> None:
+    inflight = _InFlight()
+    a = {"c": {"k", "a"}}
+    b = {"c": {"k", "b"}, "d": {"x"}}
+    inflight.hold(a)
+    inflight.hold(b)
+    inflight.let_go(a)
+    assert inflight.touches({"c": {"k"}})
+    assert not inflight.touches({"c": {"a"}})
+    assert inflight.touches({"d": {"x", "y"}})
+    inflight.let_go(b)
+    assert not inflight.touches({"c": {"k", "a", "b"}, "d": {"x"}})
+    assert not inflight

@@ -33,7 +33,7 @@ class Duplicate(int):
 
 
 class _Publish:
-    __slots__ = ("batch", "conditions", "done", "key", "position", "rid")
+    __slots__ = ("batch", "conditions", "done", "key", "keys", "position", "rid")
 
     def __init__(
         self,
@@ -51,6 +51,94 @@ class _Publish:
         self.conditions = conditions
         self.key = key
         self.rid = rid
+        self.keys: dict[str, set[str]] | None = None  # the records it writes (_keys_of)
+
+
+def _keys_of(job: _Publish) -> dict[str, set[str]]:
+    """The keys a batch writes, by collection (computed once per publish)."""
+    keys = job.keys
+    if keys is None:
+        batch = job.batch
+        names = {c[0] for c in batch}
+        if len(names) == 1:
+            keys = {names.pop(): {c[1] for c in batch}}
+        else:
+            keys = {}
+            for c in batch:
+                keys.setdefault(c[0], set()).add(c[1])
+        job.keys = keys
+    return keys
+
+
+def _condition_keys(job: _Publish) -> dict[str, set[str]]:
+    """The keys a batch's if_seq conditions name, by collection."""
+    conditions = job.conditions
+    assert conditions is not None
+    if len(conditions) == len(job.batch):
+        return _keys_of(job)  # every change has one
+    out: dict[str, set[str]] = {}
+    batch = job.batch
+    for i, _ in conditions:
+        out.setdefault(batch[i][0], set()).add(batch[i][1])
+    return out
+
+
+class _InFlight:
+    """The records written by batches submitted and not yet committed (§3.3.2: a
+    publish whose conditions name one of them waits). Sets per collection, so that
+    the usual operations run at C speed: a batch's keys are added and removed with
+    one set operation, and a conditional publish is checked with one ``isdisjoint``;
+    ``_shared`` counts the extra batches of a key written by several at once."""
+
+    __slots__ = ("_by_name", "_shared")
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, set[str]] = {}
+        self._shared: dict[tuple[str, str], int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_name)
+
+    def hold(self, keys: dict[str, set[str]]) -> None:
+        by_name = self._by_name
+        for name, ks in keys.items():
+            held = by_name.get(name)
+            if held is None:
+                by_name[name] = set(ks)
+                continue
+            if not held.isdisjoint(ks):
+                shared = self._shared
+                for k in held.intersection(ks):
+                    shared[(name, k)] = shared.get((name, k), 0) + 1
+            held.update(ks)
+
+    def let_go(self, keys: dict[str, set[str]]) -> None:
+        by_name = self._by_name
+        for name, ks in keys.items():
+            held = by_name[name]
+            shared = self._shared
+            if shared:
+                stay = set()
+                for sk, n in list(shared.items()):
+                    if sk[0] == name and sk[1] in ks:
+                        stay.add(sk[1])  # still written by another batch in flight
+                        if n == 1:
+                            del shared[sk]
+                        else:
+                            shared[sk] = n - 1
+                held.difference_update(ks - stay if stay else ks)
+            else:
+                held.difference_update(ks)
+            if not held:
+                del by_name[name]
+
+    def touches(self, keys: dict[str, set[str]]) -> bool:
+        by_name = self._by_name
+        for name, ks in keys.items():
+            held = by_name.get(name)
+            if held is not None and not held.isdisjoint(ks):
+                return True
+        return False
 
 
 class Engine:
@@ -94,7 +182,7 @@ class Engine:
         # publish with conditions has been seen (until then, such a publish waits for
         # every batch in flight: ``_untracked``).
         self._track = False
-        self._pending: dict[tuple[str, str], int] = {}
+        self._inflight = _InFlight()
         self._untracked = 0
         self._draining = False
 
@@ -161,13 +249,8 @@ class Engine:
                 self._track = True  # from now on, track what batches in flight write
             if self._untracked:
                 return False
-            pending = self._pending
-            if pending:
-                batch = job.batch
-                for i, _ in job.conditions:
-                    c = batch[i]
-                    if (c[0], c[1]) in pending:
-                        return False
+            if self._inflight and self._inflight.touches(_condition_keys(job)):
+                return False
         return True
 
     def _start(self, job: _Publish) -> None:
@@ -196,7 +279,7 @@ class Engine:
         if not store.commits_at_once:
             if self._track:
                 tracked = True
-                self._hold(batch)
+                self._inflight.hold(_keys_of(job))
             else:
                 untracked = True
                 self._untracked += 1
@@ -205,7 +288,7 @@ class Engine:
 
         def committed(records: list[Record] | None, error: ProtocolError | None) -> None:
             if tracked:
-                self._let_go(batch)
+                self._inflight.let_go(_keys_of(job))
             elif untracked:
                 self._untracked -= 1
             if key is not None:
@@ -241,23 +324,6 @@ class Engine:
             store.submit(batch, committed, None if key is None else (key, now), job.conditions)
         else:
             store.submit(batch, committed)
-
-    def _hold(self, batch: Sequence[PreparedChange]) -> None:
-        """The records ``batch`` writes are being committed."""
-        pending = self._pending
-        for c in batch:
-            k = (c[0], c[1])
-            pending[k] = pending.get(k, 0) + 1
-
-    def _let_go(self, batch: Sequence[PreparedChange]) -> None:
-        pending = self._pending
-        for c in batch:
-            k = (c[0], c[1])
-            n = pending[k] - 1
-            if n:
-                pending[k] = n
-            else:
-                del pending[k]
 
     def _drain(self) -> None:
         """Decide the publishes that waited, in order, as far as they may start."""
