@@ -22,6 +22,8 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import select
 import shutil
 import socket
 import subprocess
@@ -42,7 +44,6 @@ from common import (
     print_result,
 )
 from fanout import change_lines, connect_all, fanout_result, publish_windowed, wait_counts
-from latency import PUBLISHER, read_subscribers
 from load import publish_all, publish_lines
 from startup import wait_ping
 
@@ -87,6 +88,87 @@ class NatsServerProcess:
 
 def node(url: str, stream: str, *args: str) -> StatecastProcess:
     return StatecastProcess("--store", url, "--nats-stream", stream, *args)
+
+
+# The publisher and the reader of the Python latency benchmark this one was built with
+# (bench/latency.py now uses a C reader, for one node against Redis).
+PUBLISHER = r"""
+import socket, sys, threading, time, msgspec
+port, rate, per_tick = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
+seconds = float(sys.argv[3])
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def drain():
+    while s.recv(1 << 16):
+        pass
+threading.Thread(target=drain, daemon=True).start()
+tick = per_tick / rate
+start = time.monotonic()
+n = 0
+i = 0
+while True:
+    target = start + n * tick
+    now = time.monotonic()
+    if now - start >= seconds:
+        break
+    if target > now:
+        time.sleep(target - now)
+    t = time.monotonic_ns()
+    value = {"t": t, "bid": 101.25, "ask": 101.27, "qty": 300}
+    changes = [{"collection": "quotes", "key": f"Q{(i + j) % 500}", "value": value}
+               for j in range(per_tick)]
+    i += per_tick
+    s.sendall(msgspec.json.encode({"op": "publish", "changes": changes}) + b"\n")
+    n += 1
+time.sleep(0.5)
+s.close()
+"""
+
+T_RE = re.compile(rb'"t":(\d+)')
+
+
+def read_subscribers(
+    socks: list[socket.socket], sampled: set[int], stop_at: float, cycle: float
+) -> tuple[list[int], int, int]:
+    """Read every socket until ``stop_at``; latencies of sampled sockets' changes.
+
+    A plain epoll loop rather than asyncio: one Python process must keep up with
+    1,000 sockets and millions of frames a second on a machine whose other core runs
+    the server. Each round reads every ready socket once, then waits out the rest of
+    ``cycle`` so that frames gather in the socket buffers; a measured latency therefore
+    includes up to one cycle of the reader's own delay.
+    """
+    ep = select.epoll()
+    by_fd = {s.fileno(): s for s in socks}
+    partial = {fd: b"" for fd in by_fd}
+    for fd in by_fd:
+        ep.register(fd, select.EPOLLIN)
+    latencies: list[int] = []
+    frames = 0
+    closed = 0
+    while (now := time.monotonic()) < stop_at:
+        t_round = now
+        for fd, _ in ep.poll(0.01):
+            try:
+                data = by_fd[fd].recv(1 << 20)
+            except BlockingIOError:
+                continue
+            if not data:
+                ep.unregister(fd)
+                closed += 1
+                continue
+            frames += data.count(b"\n")
+            if fd in sampled:
+                received = time.monotonic_ns()
+                buf = partial[fd] + data
+                cut = buf.rfind(b"\n") + 1
+                partial[fd] = buf[cut:]
+                latencies.extend(received - int(t) for t in T_RE.findall(buf, 0, cut))
+        rest = cycle - (time.monotonic() - t_round)
+        if rest > 0:
+            time.sleep(rest)
+    ep.close()
+    return latencies, frames, closed
 
 
 # -- 1. latency ---------------------------------------------------------------------------
