@@ -48,16 +48,23 @@ class CuttingProxy:
             w.transport.abort()
             return
         self._writers |= {w, uw}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, ConnectionError):
-                while data := await src.read(1 << 16):
-                    dst.write(data)
-                    await dst.drain()
-            dst.transport.abort()
-
-        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+        await asyncio.gather(self._pipe(r, uw), self._down(ur, w, uw))
         self._writers -= {w, uw}
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while data := await src.read(1 << 16):
+                dst.write(data)
+                await dst.drain()
+        dst.transport.abort()
+
+    async def _down(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: asyncio.StreamWriter
+    ) -> None:
+        """What flows from the server to the client: passed on as it is (a subclass may
+        look at it, and reset both sides, ``dst`` and ``upstream``)."""
+        await self._pipe(src, dst)
 
     def cut(self) -> None:
         """Reset every connection now (from any thread)."""

@@ -36,43 +36,24 @@ class AckCuttingProxy(CuttingProxy):
         self.then_block = then_block  # refuse connections after the first cut
         super().__init__(upstream_port)
 
-    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        if self.blocked:
-            w.transport.abort()
-            return
-        try:
-            ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            w.transport.abort()
-            return
-        self._writers |= {w, uw}
-
-        async def up() -> None:
-            with contextlib.suppress(OSError, ConnectionError):
-                while data := await r.read(1 << 16):
-                    uw.write(data)
-                    await uw.drain()
-            uw.transport.abort()
-
-        async def down() -> None:
-            buf = b""
-            with contextlib.suppress(OSError, ConnectionError):
-                while data := await ur.read(1 << 16):
-                    *lines, buf = (buf + data).split(b"\n")
-                    for line in lines:
-                        frame = msgspec.json.decode(line) if line.strip() else {}
-                        if frame.get("type") == "ack" and not frame.get("duplicate"):
-                            self.acks_cut += 1
-                            self.blocked = self.then_block
-                            uw.transport.abort()
-                            w.transport.abort()
-                            return
-                        w.write(line + b"\n")
-                    await w.drain()
-            w.transport.abort()
-
-        await asyncio.gather(up(), down())
-        self._writers -= {w, uw}
+    async def _down(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: asyncio.StreamWriter
+    ) -> None:
+        buf = b""
+        with contextlib.suppress(OSError, ConnectionError):
+            while data := await src.read(1 << 16):
+                *lines, buf = (buf + data).split(b"\n")
+                for line in lines:
+                    frame = msgspec.json.decode(line) if line.strip() else {}
+                    if frame.get("type") == "ack" and not frame.get("duplicate"):
+                        self.acks_cut += 1
+                        self.blocked = self.then_block
+                        upstream.transport.abort()
+                        dst.transport.abort()
+                        return
+                    dst.write(line + b"\n")
+                await dst.drain()
+        dst.transport.abort()
 
 
 @pytest.fixture
