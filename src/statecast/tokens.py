@@ -62,11 +62,13 @@ used for verifying, and :meth:`TokenVerifier.mint` can then sign with it, so
 from __future__ import annotations
 
 import binascii
+import hashlib
 import hmac
 import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -86,9 +88,12 @@ from statecast.core.policy import (
     COLLECTION_RE,
     MAX_SUB_LENGTH,
     NONE,
+    ClaimParts,
     Grant,
     RequestId,
     Scope,
+    check_subject,
+    claim_parts,
 )
 from statecast.errors import BadRequest, ConfigError, Unauthorized
 
@@ -270,20 +275,19 @@ def _pyjwt_message(exc: jwt.PyJWTError) -> str:
     return "invalid token"
 
 
-def _time_claim(payload: Mapping[str, Any], name: str, rid: RequestId) -> float | None:
-    value = payload.get(name)
+def _time_value(value: object, name: str, rid: RequestId) -> float | None:
+    """The ``nbf`` or ``iat`` claim's value as a time (``None``: missing)."""
     if value is None:
         return None
-    try:  # an int too large for a float is no time either (isfinite overflows)
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        number = number and math.isfinite(value)
-    except OverflowError:
-        number = False
-    if not number:
-        raise _unauthorized(
-            f"the token's {name!r} claim must be a number (seconds since the epoch)", rid
-        )
-    return float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:  # an int too large for a float is no time either (isfinite overflows)
+            if math.isfinite(value):
+                return float(value)
+        except OverflowError:
+            pass
+    raise _unauthorized(
+        f"the token's {name!r} claim must be a number (seconds since the epoch)", rid
+    )
 
 
 # The three segments of a compact JWS, unpadded base64url (RFC 7515 §7.1). PyJWT also
@@ -294,6 +298,7 @@ _HMAC_DIGEST: Final = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
 # deep depends on the caller's stack): such payloads are left to PyJWT.
 _MAX_BRACKETS: Final = 64
 _HEADERS_KEPT: Final = 16
+_PARTS_KEPT: Final = 1024
 
 
 class _Header(msgspec.Struct, forbid_unknown_fields=True):
@@ -304,8 +309,34 @@ class _Header(msgspec.Struct, forbid_unknown_fields=True):
     typ: str = "JWT"
 
 
+_NULL: Final = msgspec.Raw(b"null")
+
+
+class _Claims(msgspec.Struct, gc=False):
+    """The claims the fast path reads, typed so that msgspec checks each in C. Claims
+    of another type (an ``exp`` that is a string, a ``jti`` that is not a string...)
+    fail to decode, and PyJWT and :meth:`Grant.from_claims` then decide with their own
+    messages. Other claims are ignored, as PyJWT ignores them. ``UNSET`` where PyJWT
+    tells a missing claim from a null one (``jti``, ``aud``, ``iss``).
+
+    ``read``, ``publish`` and ``where`` stay raw JSON: most tokens share them, and
+    :meth:`_HmacFastPath.parts` decodes and checks each distinct spelling once."""
+
+    sub: str
+    exp: int | float
+    read: msgspec.Raw = _NULL
+    publish: msgspec.Raw = _NULL
+    where: msgspec.Raw = _NULL
+    nbf: int | float | None = None
+    iat: int | float | None = None
+    aud: str | list[str] | msgspec.UnsetType | None = msgspec.UNSET
+    iss: Any = msgspec.UNSET
+    jti: str | msgspec.UnsetType = msgspec.UNSET
+
+
 _header_decoder: Final = msgspec.json.Decoder(_Header)
-_claims_decoder: Final = msgspec.json.Decoder(dict[str, Any])
+_any_decoder: Final = msgspec.json.Decoder()
+_claims_decoder: Final = msgspec.json.Decoder(_Claims)
 
 
 _URL_TO_STD: Final = bytes.maketrans(b"-_", b"+/")
@@ -317,17 +348,56 @@ def _b64encode(data: bytes) -> bytes:
     return binascii.b2a_base64(data, newline=False).translate(_STD_TO_URL).rstrip(b"=")
 
 
+_B64URL: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# The last character of a canonical segment, by its length mod 4: its bits past the
+# data are zero (4 spare bits after 2 characters' worth, 2 after 3).
+_CANONICAL_LAST: Final = {
+    0: frozenset(_B64URL),
+    2: frozenset(c for i, c in enumerate(_B64URL) if i % 16 == 0),
+    3: frozenset(c for i, c in enumerate(_B64URL) if i % 4 == 0),
+}
+
+
 def _b64decode(segment: str) -> bytes | None:
     """An unpadded base64url segment (already known to be of the alphabet), decoded
     as PyJWT does; ``None`` where PyJWT refuses it (a length of 4n+1, or unused bits
     that are not zero, i.e. not the one canonical spelling)."""
-    if len(segment) % 4 == 1:
+    last = _CANONICAL_LAST.get(len(segment) % 4)
+    if last is None or segment[-1] not in last:
         return None
     raw = segment.encode("ascii")
-    data = binascii.a2b_base64(raw.translate(_URL_TO_STD) + b"=" * (-len(raw) % 4))
-    if _b64encode(data) != raw:
-        return None
-    return data
+    return binascii.a2b_base64(raw.translate(_URL_TO_STD) + b"=" * (-len(raw) % 4))
+
+
+_IPAD: Final = bytes.maketrans(bytes(range(256)), bytes(b ^ 0x36 for b in range(256)))
+_OPAD: Final = bytes.maketrans(bytes(range(256)), bytes(b ^ 0x5C for b in range(256)))
+
+
+class _Hmac:
+    """HMAC (RFC 2104) with one key, equal to ``hmac.digest(key, msg, name)``.
+
+    Why not ``hmac.digest``: with OpenSSL 3 each call sets the MAC up from the key
+    again (a fetch by name, a context), about 1.6 µs of an authenticated connection's
+    budget. Here the two keyed hash states are made once and copied per message
+    (``tests/test_tokens_fast.py`` holds it to ``hmac.digest``): about 0.7 µs.
+    """
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes, name: str) -> None:
+        block = hashlib.new(name).block_size
+        if len(key) > block:
+            key = hashlib.new(name, key).digest()
+        key = key.ljust(block, b"\0")
+        self._inner = hashlib.new(name, key.translate(_IPAD))
+        self._outer = hashlib.new(name, key.translate(_OPAD))
+
+    def digest(self, msg: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(msg)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 class _HmacFastPath:
@@ -344,18 +414,19 @@ class _HmacFastPath:
     one HMAC, a base64 decode and a msgspec decode: a few microseconds.
     """
 
-    __slots__ = ("_algorithms", "_audience", "_headers", "_issuer", "_key")
+    __slots__ = ("_audience", "_headers", "_issuer", "_macs", "_parts")
 
     def __init__(
         self, key: bytes, algorithms: tuple[str, ...], audience: str | None, issuer: str | None
     ) -> None:
-        self._key = key
-        self._algorithms = algorithms
+        self._macs = {alg: _Hmac(key, _HMAC_DIGEST[alg]) for alg in algorithms}
         self._audience = audience
         self._issuer = issuer
-        # Header segment -> digest name. A signer sends the same header every time;
-        # only headers that passed every check are kept.
-        self._headers: dict[str, str] = {}
+        # Header segment -> the HMAC of its algorithm. A signer sends the same header
+        # every time; only headers that passed every check are kept.
+        self._headers: dict[str, _Hmac] = {}
+        # (read, publish, where) as sent -> their checked parts, for valid ones.
+        self._parts: dict[tuple[bytes, bytes, bytes], ClaimParts] = {}
 
     @classmethod
     def of(cls, key: _Key, audience: str | None, issuer: str | None) -> _HmacFastPath | None:
@@ -371,10 +442,7 @@ class _HmacFastPath:
             return None
         return cls(key.verify_key, key.algorithms, audience, issuer)
 
-    def _digest_of(self, header: str) -> str | None:
-        digest = self._headers.get(header)
-        if digest is not None:
-            return digest
+    def _mac_of(self, header: str) -> _Hmac | None:
         data = _b64decode(header)
         if data is None:
             return None
@@ -382,44 +450,63 @@ class _HmacFastPath:
             alg = _header_decoder.decode(data).alg
         except (msgspec.DecodeError, ValueError, RecursionError):  # ValueError: bad UTF-8
             return None
-        if alg not in self._algorithms or alg not in _HMAC_DIGEST:
+        mac = self._macs.get(alg)
+        if mac is None:
             return None
         if len(self._headers) >= _HEADERS_KEPT:
             self._headers.clear()
-        digest = self._headers[header] = _HMAC_DIGEST[alg]
-        return digest
+        self._headers[header] = mac
+        return mac
 
-    def claims(self, token: str) -> dict[str, Any] | None:
+    def parts(self, claims: _Claims, rid: RequestId) -> ClaimParts | None:
+        """The :func:`claim_parts` of ``claims``' ``read``, ``publish`` and ``where``
+        (``Unauthorized`` if one is not of its shape), or ``None`` if one is JSON that
+        ``json.loads`` might read otherwise than msgspec: PyJWT decides then."""
+        key = (bytes(claims.read), bytes(claims.publish), bytes(claims.where))
+        found = self._parts.get(key)
+        if found is not None:
+            return found
+        try:
+            read, publish, where = (_any_decoder.decode(raw) for raw in key)
+        except (msgspec.DecodeError, ValueError, RecursionError):
+            return None
+        parts = claim_parts(read, publish, where, rid)
+        if len(self._parts) >= _PARTS_KEPT:
+            self._parts.clear()
+        self._parts[key] = parts
+        return parts
+
+    def claims(self, token: str) -> _Claims | None:
         """The claims, or ``None``: let PyJWT decide (see the class docstring)."""
         m = _COMPACT.fullmatch(token)
         if m is None:
             return None
         header, body, signature = m.groups()
-        digest = self._digest_of(header)
-        if digest is None:
+        mac = self._headers.get(header) or self._mac_of(header)
+        if mac is None:
             return None
         # The signature first, on the segments as sent (RFC 7515 §5.2); compared in its
         # canonical spelling, so a non-canonical one goes to PyJWT, which refuses it.
-        signing_input = token[: m.end(2)].encode("ascii")
-        expected = _b64encode(hmac.digest(self._key, signing_input, digest))
+        expected = _b64encode(mac.digest(token[: m.end(2)].encode("ascii")))
         if not hmac.compare_digest(expected, signature.encode("ascii")):
             return None
         data = _b64decode(body)
         if data is None or data.count(b"[") + data.count(b"{") > _MAX_BRACKETS:
             return None
+        # json.loads refuses an integer of more digits than Python converts (4,300 by
+        # default), even in a claim nobody reads; msgspec skips unread claims unparsed.
+        digits = sys.get_int_max_str_digits()
+        if digits and len(data) > digits and re.search(rb"\d{%d}" % (digits + 1), data):
+            return None
         try:
             payload = _claims_decoder.decode(data)
         except (msgspec.DecodeError, ValueError, RecursionError):
             return None  # e.g. NaN or a raw surrogate, which json.loads takes: PyJWT decides
-        # PyJWT's claim checks for our options (require sub and exp; iss, aud, sub, jti).
-        sub = payload.get("sub")
-        if sub is None or payload.get("exp") is None or not isinstance(sub, str):
-            return None
-        if "jti" in payload and not isinstance(payload["jti"], str):
-            return None
-        if self._issuer is not None and payload.get("iss", None) != self._issuer:
+        # PyJWT's claim checks for our options (require sub and exp; iss, aud, sub, jti;
+        # the types of sub and jti are the decoder's).
+        if self._issuer is not None and payload.iss != self._issuer:
             return None  # missing, not a string or another issuer
-        aud = payload.get("aud")
+        aud = payload.aud
         if self._audience is None:
             if aud:
                 return None
@@ -428,11 +515,7 @@ class _HmacFastPath:
         elif isinstance(aud, str):
             if aud != self._audience:
                 return None
-        elif (
-            not isinstance(aud, list)
-            or not all(isinstance(a, str) for a in aud)
-            or self._audience not in aud
-        ):
+        elif self._audience not in aud:
             return None
         return payload
 
@@ -532,22 +615,30 @@ class TokenVerifier:
             raise _unauthorized(
                 "malformed token (a JWT is three base64url parts joined by '.')", rid
             )
-        payload = None if self._fast is None else self._fast.claims(token)
-        checked_by_pyjwt = payload is None
-        if payload is None:
+        fast = None if self._fast is None else self._fast.claims(token)
+        parts = None
+        if fast is not None:
+            check_subject(fast.sub, fast.exp, rid)
+            assert self._fast is not None
+            parts = self._fast.parts(fast, rid)
+        if fast is not None and parts is not None:
+            grant = Grant.of_parts(fast.sub, fast.exp, parts)
+            nbf = _time_value(fast.nbf, "nbf", rid)
+            _time_value(fast.iat, "iat", rid)
+        else:
+            fast = None
             payload = self._pyjwt_claims(token, rid)
-
-        grant = Grant.from_claims(payload, rid)  # exp required and a number
+            grant = Grant.from_claims(payload, rid)  # exp required and a number
+            nbf = _time_value(payload.get("nbf"), "nbf", rid)
+            _time_value(payload.get("iat"), "iat", rid)
         try:
             # Every transport refuses a bad filter alike. Connections with the same
             # claim share the parsed filter (the session asks for it again).
             share_where(grant.where, "token.where")
         except BadRequest as exc:
             raise _unauthorized(f"the token's 'where' claim is not a filter: {exc}", rid) from None
-        nbf = _time_claim(payload, "nbf", rid)
-        _time_claim(payload, "iat", rid)
         self._check_time(grant, nbf, time.time() if now is None else now, rid)
-        if checked_by_pyjwt:
+        if fast is None:
             # Many connections present the same token (one user, several screens; a
             # service's pool): verified once, a signature check costs nothing the next
             # time. Tokens of the HMAC fast path are not kept: checking one again costs

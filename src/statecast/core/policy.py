@@ -69,15 +69,23 @@ __all__ = [
     "COLLECTION_RE",
     "MAX_SUB_LENGTH",
     "NONE",
+    "ClaimParts",
     "Grant",
     "RequestId",
     "Scope",
+    "check_subject",
+    "claim_parts",
 ]
 
 RequestId: TypeAlias = int | str | None
 
 Scope: TypeAlias = frozenset[str] | None
 """A set of collections: ``None`` = all (``"*"``), an empty frozenset = none."""
+
+FrameFields: TypeAlias = tuple[
+    str, str | list[str], dict[str, object] | None, str | list[str], int | None
+]
+"""``authed``'s fields (§3.8): sub, read, where, publish, exp."""
 
 _EMPTY: Final[frozenset[str]] = frozenset()
 ALL: Final[Scope] = None
@@ -197,6 +205,21 @@ def _scope_frame(scope: Scope) -> str | list[str]:
     return "*" if scope is None else sorted(scope)
 
 
+_scope_frames: dict[frozenset[str], list[str]] = {}
+
+
+def _shared_scope_frame(scope: Scope) -> str | list[str]:
+    """:func:`_scope_frame`, one list per distinct scope (read only)."""
+    if scope is None:
+        return "*"
+    found = _scope_frames.get(scope)
+    if found is None:
+        if len(_scope_frames) >= _SHARED_SIZE:
+            _scope_frames.clear()
+        found = _scope_frames[scope] = sorted(scope)
+    return found
+
+
 def _covers(outer: Scope, inner: Scope) -> bool:
     """``inner`` is within ``outer``."""
     if outer is None:
@@ -212,8 +235,8 @@ def _first_outside(outer: Scope, inner: Scope) -> str:
     return min(inner - outer)
 
 
-def _claim_scope(claims: Mapping[str, object], name: str, rid: RequestId) -> Scope:
-    value = claims.get(name)
+def _claim_scope(value: object, name: str, rid: RequestId) -> Scope:
+    """The scope of a ``read`` or ``publish`` claim's value (``None``: missing)."""
     if value is None:
         return NONE
     if value == "*":
@@ -253,6 +276,55 @@ def _is_number(value: object) -> bool:
         return math.isfinite(value)  # type: ignore[arg-type]
     except OverflowError:
         return False
+
+
+def check_subject(sub: object, exp: object, rid: RequestId = None) -> None:
+    """The ``sub`` and ``exp`` claims (``None``: missing) have the shapes of the module
+    docstring; :class:`Unauthorized` naming the claim otherwise."""
+    if sub is None:
+        raise Unauthorized("the token has no 'sub' claim", request_id=rid)
+    if not isinstance(sub, str) or not sub:
+        raise Unauthorized("the token's 'sub' claim must be a non-empty string", request_id=rid)
+    if len(sub) > MAX_SUB_LENGTH or not sub.isprintable():
+        raise Unauthorized(
+            f"the token's 'sub' claim must be at most {MAX_SUB_LENGTH} printable characters",
+            request_id=rid,
+        )
+    if exp is None:
+        raise Unauthorized("the token has no 'exp' claim (tokens must expire)", request_id=rid)
+    if not _is_number(exp):
+        raise Unauthorized(
+            "the token's 'exp' claim must be a number (seconds since the epoch)", request_id=rid
+        )
+
+
+ClaimParts: TypeAlias = tuple[Scope, Scope, "dict[str, object] | None", "bytes | None"]
+"""The parts of a grant that many tokens share: the read and publish scopes, the
+shared ``where`` object, and its key (``b""`` for no ``where``, ``None`` when it cannot
+be shared)."""
+
+
+def claim_parts(read: object, publish: object, where: object, rid: RequestId = None) -> ClaimParts:
+    """The :data:`ClaimParts` of the ``read``, ``publish`` and ``where`` claims (``None``:
+    missing); :class:`Unauthorized` naming the claim if one is not of its shape."""
+    where_key: bytes | None = b""  # b"": no where
+    if where is not None:
+        if not isinstance(where, dict):
+            raise Unauthorized(
+                "the token's 'where' claim must be a JSON object or null", request_id=rid
+            )
+        try:
+            where, where_key = _shared_where(where)
+        except ValueError:  # NaN or Infinity, which json.loads lets through
+            raise Unauthorized(
+                "the token's 'where' claim must not hold NaN or Infinity", request_id=rid
+            ) from None
+    return (
+        _claim_scope(read, "read", rid),
+        _claim_scope(publish, "publish", rid),
+        where,
+        where_key,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,40 +383,35 @@ class Grant:
         """The grant of a verified token's claims; :class:`Unauthorized` if they are
         not of the shape in the module docstring. Messages name the claim, never echo
         the token."""
-        sub = claims.get("sub")
-        if sub is None:
-            raise Unauthorized("the token has no 'sub' claim", request_id=rid)
-        if not isinstance(sub, str) or not sub:
-            raise Unauthorized("the token's 'sub' claim must be a non-empty string", request_id=rid)
-        if len(sub) > MAX_SUB_LENGTH or not sub.isprintable():
-            raise Unauthorized(
-                f"the token's 'sub' claim must be at most {MAX_SUB_LENGTH} printable characters",
-                request_id=rid,
-            )
-        exp = claims.get("exp")
-        if exp is None:
-            raise Unauthorized("the token has no 'exp' claim (tokens must expire)", request_id=rid)
-        if not _is_number(exp):
-            raise Unauthorized(
-                "the token's 'exp' claim must be a number (seconds since the epoch)",
-                request_id=rid,
-            )
-        where = claims.get("where")
-        where_key: bytes | None = b""  # b"": no where
-        if where is not None:
-            if not isinstance(where, dict):
-                raise Unauthorized(
-                    "the token's 'where' claim must be a JSON object or null", request_id=rid
-                )
-            try:
-                where, where_key = _shared_where(where)
-            except ValueError:  # NaN or Infinity, which json.loads lets through
-                raise Unauthorized(
-                    "the token's 'where' claim must not hold NaN or Infinity", request_id=rid
-                ) from None
+        get = claims.get
+        return cls.of_claims(
+            get("sub"), get("exp"), get("read"), get("publish"), get("where"), rid=rid
+        )
+
+    @classmethod
+    def of_claims(
+        cls,
+        sub: object,
+        exp: object,
+        read: object,
+        publish: object,
+        where: object,
+        *,
+        rid: RequestId = None,
+    ) -> Grant:
+        """:meth:`from_claims` for claims already taken out of their object (a missing
+        claim is ``None``)."""
+        check_subject(sub, exp, rid)
+        assert isinstance(sub, str)
         assert isinstance(exp, int | float)
-        read = _claim_scope(claims, "read", rid)
-        publish = _claim_scope(claims, "publish", rid)
+        return cls.of_parts(sub, exp, claim_parts(read, publish, where, rid))
+
+    @classmethod
+    def of_parts(cls, sub: str, exp: float, parts: ClaimParts) -> Grant:
+        """The grant of a ``sub`` and ``exp`` that :func:`check_subject` passed and the
+        :func:`claim_parts` of the other claims (which a verifier may keep and reuse:
+        many tokens share them)."""
+        read, publish, where, where_key = parts
         if where_key is None:  # not shareable: built and checked as any other grant
             return cls(sub=sub, read=read, publish=publish, where=where, exp=float(exp))
         key = (sub, float(exp), read, publish, where_key)
@@ -391,6 +458,19 @@ class Grant:
             "publish": _scope_frame(self.publish),
             "exp": None if self.exp is None else math.floor(self.exp),
         }
+
+    def frame_fields(self) -> FrameFields:
+        """The fields of :meth:`to_frame` in order (sub, read, where, publish, exp),
+        without copies: the lists and the ``where`` object are shared and must only be
+        read, e.g. encoded at once. The session builds every ``authed`` frame from
+        these; :meth:`to_frame` is the copy to keep."""
+        return (
+            self.sub,
+            _shared_scope_frame(self.read),
+            self.where,
+            _shared_scope_frame(self.publish),
+            None if self.exp is None else math.floor(self.exp),
+        )
 
     # -- time ------------------------------------------------------------------------
 

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import msgspec
 from msgspec import UNSET
 from msgspec.json import encode as _encode_json
 
@@ -651,9 +650,7 @@ class Session:
             old.check_refresh(grant, rid, live=live)  # same sub, never wider
         self.grant = grant
         self._grant_where = where
-        authed = msgspec.convert(grant.to_frame(), Authed)
-        authed.id = rid
-        self._out.append(encode(authed))
+        self._out.append(encode(Authed(*grant.frame_fields(), id=rid)))
 
     # -- requests ----------------------------------------------------------------
     def _view_of(self, names: list[str] | None, where: object, rid: RequestId) -> View:
