@@ -241,6 +241,69 @@ def test_to_frame_sorts_and_floors() -> None:
     assert g.where == {"account": "ACC-1"}
 
 
+@pytest.mark.parametrize(
+    "g",
+    [
+        grant(read=fs("positions", "orders"), publish=NONE, where={"account": "ACC-1"}),
+        grant(read=ALL, publish=ALL, where=None, exp=None),
+        grant(read=NONE, publish=fs("b", "a"), where={"n": {"in": [1, 2.5, True]}}),
+    ],
+)
+def test_frame_fields_are_to_frame_in_order(g: Grant) -> None:
+    """The session builds ``authed`` from frame_fields(): the same values as
+    to_frame(), in the frame's field order (sub, read, where, publish, exp)."""
+    frame = g.to_frame()
+    assert g.frame_fields() == tuple(frame[k] for k in ("sub", "read", "where", "publish", "exp"))
+
+
+def test_frame_fields_share_rather_than_copy() -> None:
+    a = grant(read=fs("orders"), where={"account": "ACC-1"}, sub="a")
+    b = grant(read=fs("orders"), where={"account": "ACC-1"}, sub="b")
+    assert a.frame_fields()[1] is b.frame_fields()[1]  # one sorted list per scope
+    assert a.frame_fields()[2] is a.where  # the grant's own (shared, read-only) where
+
+
+def test_claim_parts_and_of_parts_give_the_from_claims_grant() -> None:
+    claims: dict[str, object] = {
+        "sub": "carol",
+        "exp": 1_700_000_000,
+        "read": ["orders", "positions"],
+        "publish": "*",
+        "where": {"account": "ACC-7"},
+    }
+    parts = policy.claim_parts(claims["read"], claims["publish"], claims["where"])
+    assert parts[0] == fs("orders", "positions")
+    assert parts[1] is ALL
+    assert parts[2] == {"account": "ACC-7"}
+    assert parts[2] is not claims["where"]  # the shared private copy
+    assert Grant.of_parts("carol", 1_700_000_000, parts) is Grant.from_claims(claims)
+    # no where: key b"", and the grant has none
+    none = policy.claim_parts(None, None, None)
+    assert none == (NONE, NONE, None, b"")
+    assert Grant.of_parts("dave", 5, none).where is None
+
+
+def test_claim_parts_names_the_claim_that_is_wrong() -> None:
+    with pytest.raises(Unauthorized, match="'where' claim must be a JSON object") as info:
+        policy.claim_parts(["orders"], None, [1], rid=4)
+    assert info.value.request_id == 4
+    with pytest.raises(Unauthorized, match="'publish' claim must be"):
+        policy.claim_parts(["orders"], "none", None)
+
+
+def test_subject_is_checked_before_the_other_claims() -> None:
+    """Both paths of tokens.py report the first fault in the same order: sub, exp,
+    where, read, publish."""
+    with pytest.raises(Unauthorized, match="'sub' claim must be a non-empty string"):
+        Grant.of_claims("", 5, 7, 7, [1])
+    with pytest.raises(Unauthorized, match="'exp' claim must be a number"):
+        Grant.of_claims("a", "soon", 7, 7, [1])
+    with pytest.raises(Unauthorized, match="'where' claim must be a JSON object"):
+        Grant.of_claims("a", 5, 7, 7, [1])
+    with pytest.raises(Unauthorized, match="'read' claim must be"):
+        Grant.of_claims("a", 5, 7, 7, None)
+
+
 def test_claims_roundtrip() -> None:
     g = grant(where={"account": "ACC-1"}, exp=1_700_000_000)
     assert Grant.from_claims(g.to_claims()) == g

@@ -2,8 +2,10 @@
 
 Pure: standard library, msgspec and :mod:`statecast.errors` only, no I/O and no JWT. The
 signature and clock checks live in :mod:`statecast.tokens`, which turns a verified
-token's claims into a :class:`Grant` with :meth:`Grant.from_claims`; the session holds
-one grant per connection and asks it before every sync, subscribe and publish.
+token's claims into a :class:`Grant` with :meth:`Grant.from_claims` (or, on its fast
+path, :func:`check_subject`, :func:`claim_parts` and :meth:`Grant.of_parts`: the same
+checks, with the parts kept for the next token that carries the same ones); the session
+holds one grant per connection and asks it before every sync, subscribe and publish.
 
 Claims (all other claims are ignored)::
 
@@ -43,8 +45,9 @@ Sharing
 -------
 Thousands of connections often hold a handful of distinct claims (one per user, one
 ``where`` per account). Grants are immutable, so equal parts are shared rather than
-copied per connection: scopes and ``where`` objects are interned, and
-:meth:`Grant.from_claims` hands out one grant per distinct claims. Each table is a
+copied per connection: scopes and ``where`` objects are interned,
+:meth:`Grant.from_claims` hands out one grant per distinct claims, and
+:meth:`Grant.frame_fields` hands the ``authed`` frame the shared parts uncopied. Each table is a
 small dict that starts over when full; sharing saves memory and time, never changes a
 result.
 """
