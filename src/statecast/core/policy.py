@@ -47,9 +47,9 @@ Thousands of connections often hold a handful of distinct claims (one per user, 
 ``where`` per account). Grants are immutable, so equal parts are shared rather than
 copied per connection: scopes and ``where`` objects are interned,
 :meth:`Grant.from_claims` hands out one grant per distinct claims, and
-:meth:`Grant.frame_fields` hands the ``authed`` frame the shared parts uncopied. Each table is a
-small dict that starts over when full; sharing saves memory and time, never changes a
-result.
+:meth:`Grant.frame_fields` gives the ``authed`` frame the shared parts uncopied. Each
+table is a small dict that starts over when full; sharing saves memory and time, never
+changes a result.
 """
 
 from __future__ import annotations
