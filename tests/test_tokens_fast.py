@@ -257,6 +257,16 @@ _BIG = "9" * 5000
         (plain(), json.dumps(claims(read="orders")).encode()),
         (plain(), json.dumps(claims(read=["bad name"])).encode()),
         (plain(), json.dumps(claims(read=7)).encode()),
+        # Not UTF-8 in a claim the fast path does not read: json.loads refuses the
+        # whole text, so PyJWT does (found by review: msgspec skips unread claims).
+        (plain(), _P[:-1] + b',"x":"\xff"}'),
+        (plain(), _P[:-1] + b',"x\xff":1}'),
+        (plain(), _P[:-1] + b',"x":"\xc0\xaf"}'),  # an overlong form
+        (plain(), _P.replace(b'"read"', b'"rea\xbbd"')),  # a known claim's name spoilt
+        (plain(), _P[:-1] + b',"x":"caf\xc3\xa9"}'),  # valid UTF-8: both take it
+        # A lone surrogate as a field of the where claim: refused, not a crash.
+        (plain(), json.dumps(claims(where={"\ud800": 1})).encode()),
+        (plain(), json.dumps(claims(where={"\ud800x" * 20: 1})).encode()),
         (plain(), json.dumps(claims(read=[7])).encode()),
         (plain(), json.dumps(claims(publish={"a": 1})).encode()),
         (plain(), json.dumps(claims(read=None, publish=None, where=None)).encode()),
@@ -523,3 +533,15 @@ def test_tokens_that_share_their_claims_share_one_check() -> None:
     assert grants[0].read is grants[1].read is grants[2].read
     assert grants[0].where is grants[1].where is grants[2].where
     assert grants[0].where == {"account": "ACC-1"}
+
+
+def test_a_lone_surrogate_in_a_where_field_is_refused_with_a_message() -> None:
+    """json.loads (PyJWT) lets a lone surrogate through; the filter's message escapes
+    it instead of failing to encode it (an internal error before)."""
+    fast, slow = pair()
+    token = token_of(plain(), json.dumps(claims(where={"\ud800": {"bad": 1}})).encode())
+    for verifier in (fast, slow):
+        kind, message = outcome(verifier, token, NOW)
+        assert kind == "unauthorized"
+        assert "where" in str(message)
+        assert "\\ud800" in str(message)

@@ -14,11 +14,12 @@ never contains the token or the key:
 3. the signature, with that key and only that key;
 4. ``aud`` / ``iss`` when the verifier was given an audience / issuer (a token that
    carries an ``aud`` is refused by a verifier that has none, as RFC 7519 §4.1.3 asks);
-5. ``exp`` is present (see below), ``exp``/``nbf``/``iat`` are numbers, the token has
-   not expired and is not used before its ``nbf``, both with ``leeway`` seconds of
-   clock skew allowed (``iat`` in the future is not an error: it carries no validity);
-6. the statecast claims (``sub``, ``read``, ``publish``, ``where``) have the shapes of
-   :meth:`Grant.from_claims`.
+5. the claims have their shapes: ``sub`` and ``exp`` (required, see below), ``read``,
+   ``publish`` and ``where`` as :meth:`Grant.from_claims` says, ``nbf`` and ``iat``
+   numbers, and ``where`` a valid filter;
+6. the clock: the token has not expired and is not used before its ``nbf``, both with
+   ``leeway`` seconds of clock skew allowed (``iat`` in the future is not an error: it
+   carries no validity).
 
 An expired token *presented* in an ``auth`` op is ``unauthorized`` like any other bad
 token; :class:`~statecast.errors.TokenExpired` is for the session to raise when the clock
@@ -316,7 +317,8 @@ class _Claims(msgspec.Struct, gc=False):
     """The claims the fast path reads, typed so that msgspec checks each in C. Claims
     of another type (an ``exp`` that is a string, a ``jti`` that is not a string...)
     fail to decode, and PyJWT and :meth:`Grant.from_claims` then decide with their own
-    messages. Other claims are ignored, as PyJWT ignores them. ``UNSET`` where PyJWT
+    messages. Other claims are skipped unread; :meth:`_HmacFastPath.claims` checks the
+    whole text for what ``json.loads`` would refuse in them. ``UNSET`` where PyJWT
     tells a missing claim from a null one (``jti``, ``aud``, ``iss``).
 
     ``read``, ``publish`` and ``where`` stay raw JSON: most tokens share them, and
@@ -404,9 +406,11 @@ class _HmacFastPath:
     """PyJWT's verdict on an HMAC token, without PyJWT, for tokens it accepts.
 
     :meth:`claims` returns the claims of a token that ``jwt.decode`` (as
-    :meth:`TokenVerifier.verify` calls it) would accept, equal to what it would return,
-    or ``None`` for anything else, which PyJWT then decides. Never more lenient: each
-    step does what PyJWT does or steps aside.
+    :meth:`TokenVerifier.verify` calls it) would accept: a :class:`_Claims` holding
+    what ``jwt.decode`` would return for the claims statecast reads (``read``,
+    ``publish`` and ``where`` as their JSON text, which :meth:`parts` decodes), or
+    ``None`` for anything else, which PyJWT then decides. Never more lenient: each step
+    does what PyJWT does or steps aside.
 
     Why by hand: PyJWT's per-token overhead (about 70 µs, a Python-level check of every
     base64url character and the header decoded twice) dominated the cost of an
@@ -493,15 +497,22 @@ class _HmacFastPath:
         data = _b64decode(body)
         if data is None or data.count(b"[") + data.count(b"{") > _MAX_BRACKETS:
             return None
-        # json.loads refuses an integer of more digits than Python converts (4,300 by
-        # default), even in a claim nobody reads; msgspec skips unread claims unparsed.
+        # msgspec skips the claims the struct does not read without looking inside,
+        # where json.loads (PyJWT) reads the whole text: what it refuses anywhere goes
+        # to PyJWT. Text that is not UTF-8 (raw surrogates it takes, as json.loads
+        # does), and an integer of more digits than Python converts (4,300 by default).
+        if not data.isascii():
+            try:
+                data.decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError:
+                return None
         digits = sys.get_int_max_str_digits()
         if digits and len(data) > digits and re.search(rb"\d{%d}" % (digits + 1), data):
             return None
         try:
             payload = _claims_decoder.decode(data)
         except (msgspec.DecodeError, ValueError, RecursionError):
-            return None  # e.g. NaN or a raw surrogate, which json.loads takes: PyJWT decides
+            return None  # e.g. NaN, or a surrogate in a claim it reads: PyJWT decides
         # PyJWT's claim checks for our options (require sub and exp; iss, aud, sub, jti;
         # the types of sub and jti are the decoder's).
         if self._issuer is not None and payload.iss != self._issuer:

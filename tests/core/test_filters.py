@@ -592,3 +592,11 @@ def test_module_imports_nothing_with_io() -> None:
         "statecast.errors",
     }
     assert imported <= allowed
+
+
+def test_a_field_name_that_is_a_lone_surrogate_is_named_escaped() -> None:
+    """JSON from json.loads (a token's claim) may hold one; msgspec cannot encode it."""
+    with pytest.raises(BadRequest, match=r'where\["\\ud800"\]: unknown operator'):
+        parse_where({"\ud800": {"bad": 1}})
+    with pytest.raises(BadRequest, match=r'where\["a\\udc00\\"b"\]: unknown operator'):
+        parse_where({'a\udc00"b': {"bad": 1}})

@@ -203,7 +203,24 @@ def _path(base: str, field: str) -> str:
     if _PLAIN_NAME.fullmatch(field):
         return f"{base}.{field}"
     shown = field if len(field) <= 40 else field[:40] + "..."
-    return f"{base}[{msgspec.json.encode(shown).decode()}]"
+    return f"{base}[{_quoted(shown)}]"
+
+
+_SURROGATE: Final = re.compile("([\ud800-\udfff])")
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a JSON string, a lone surrogate (which json.loads lets through, in a
+    token's claim) escaped as ``\\uXXXX`` rather than failing to encode."""
+    try:
+        return msgspec.json.encode(text).decode()
+    except UnicodeEncodeError:
+        parts = _SURROGATE.split(text)
+        inner = (
+            f"\\u{ord(part):04x}" if i % 2 else msgspec.json.encode(part).decode()[1:-1]
+            for i, part in enumerate(parts)
+        )
+        return f'"{"".join(inner)}"'
 
 
 def _parse_scalar(value: object, path: str) -> _Key:
