@@ -267,6 +267,8 @@ _BIG = "9" * 5000
         # A lone surrogate as a field of the where claim: refused, not a crash.
         (plain(), json.dumps(claims(where={"\ud800": 1})).encode()),
         (plain(), json.dumps(claims(where={"\ud800x" * 20: 1})).encode()),
+        (plain(), json.dumps(claims(where={"account": "\ud800"})).encode()),
+        (plain(), json.dumps(claims(where={"\udc00": "ACC-1"})).encode()),
         (plain(), json.dumps(claims(read=[7])).encode()),
         (plain(), json.dumps(claims(publish={"a": 1})).encode()),
         (plain(), json.dumps(claims(read=None, publish=None, where=None)).encode()),
@@ -535,13 +537,14 @@ def test_tokens_that_share_their_claims_share_one_check() -> None:
     assert grants[0].where == {"account": "ACC-1"}
 
 
-def test_a_lone_surrogate_in_a_where_field_is_refused_with_a_message() -> None:
-    """json.loads (PyJWT) lets a lone surrogate through; the filter's message escapes
-    it instead of failing to encode it (an internal error before)."""
+def test_a_lone_surrogate_in_the_where_claim_is_refused_with_a_message() -> None:
+    """json.loads (PyJWT) lets a lone surrogate through, in a field's name or a value;
+    no frame can carry one (``authed`` echoes the claim), so the token is refused,
+    naming the claim (an internal error before)."""
     fast, slow = pair()
-    token = token_of(plain(), json.dumps(claims(where={"\ud800": {"bad": 1}})).encode())
-    for verifier in (fast, slow):
-        kind, message = outcome(verifier, token, NOW)
-        assert kind == "unauthorized"
-        assert "where" in str(message)
-        assert "\\ud800" in str(message)
+    for where in ({"\ud800": {"bad": 1}}, {"\ud800": 1}, {"account": {"in": ["\udc00"]}}):
+        token = token_of(plain(), json.dumps(claims(where=where)).encode())
+        for verifier in (fast, slow):
+            kind, message = outcome(verifier, token, NOW)
+            assert kind == "unauthorized"
+            assert "'where' claim must be valid text" in str(message)

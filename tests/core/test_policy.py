@@ -350,6 +350,11 @@ def test_from_claims_dedupes_lists() -> None:
         ({"sub": "a", "exp": 5, "where": ["x"]}, "'where' claim must be a JSON object"),
         ({"sub": "a", "exp": 5, "where": "account=1"}, "'where' claim must be a JSON object"),
         ({"sub": "a", "exp": 5, "where": {"x": math.nan}}, "NaN or Infinity"),
+        # json.loads lets a lone surrogate through; no frame can carry one (authed
+        # echoes the where claim), so it is refused with the claim named.
+        ({"sub": "a", "exp": 5, "where": {"account": "\ud800"}}, "lone surrogate"),
+        ({"sub": "a", "exp": 5, "where": {"\udc00": 1}}, "lone surrogate"),
+        ({"sub": "a", "exp": 5, "where": {"a": {"in": ["x", "\ud800"]}}}, "lone surrogate"),
     ],
 )
 def test_from_claims_rejects_bad_shapes(claims: dict[str, object], message: str) -> None:

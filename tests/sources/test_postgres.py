@@ -1244,6 +1244,11 @@ def test_keys_of_each_shape() -> None:
     with pytest.raises(RowError, match="nested deeper than 64"):
         deep.upsert(["1", "[" * 70 + "]" * 70])
     assert (deep.upsert(["1", "[" * 60 + "]" * 60])[3] or b"").count(b"[") == 60
+    # `json` keeps "\ud800" as written; no record can hold a lone surrogate: the row is
+    # refused with the column named (the source skips it), not an error that stops it.
+    loose = Shape("t", "the table t", [("id", Oid.INT4), ("j", Oid.JSON)], ["id"])
+    with pytest.raises(RowError, match=r"column j: .*lone surrogate"):
+        loose.upsert(["1", '{"a": "\\ud800"}'])
     with pytest.raises(ValueError, match="key column"):
         Shape("t", "the table t", [("a", Oid.INT4)], ["b"])
 

@@ -180,7 +180,9 @@ def _where_key(where: Mapping[str, object]) -> bytes | None:
 def _shared_where(where: Mapping[str, object]) -> tuple[dict[str, object], bytes | None]:
     """A private, read-only copy of a where object that is JSON, shared with every
     other equal one, and its key; ``ValueError``/``TypeError`` if it is not JSON (NaN,
-    infinity, an object that JSON has no form for)."""
+    infinity, an object that JSON has no form for), ``UnicodeEncodeError`` (a
+    ``ValueError`` too) if a string in it holds a lone surrogate, which ``json.loads``
+    lets through and no frame can carry."""
     key = _where_key(where)
     if key is not None:
         found = _wheres.get(key)
@@ -188,6 +190,7 @@ def _shared_where(where: Mapping[str, object]) -> tuple[dict[str, object], bytes
             return found
     copied = json.loads(_canonical(where))  # a private copy, and proof that it is JSON
     if key is None:
+        msgspec.json.encode(copied)  # the authed frame must be able to carry it
         return copied, None
     if len(_wheres) >= _SHARED_SIZE:
         _wheres.clear()
@@ -318,6 +321,11 @@ def claim_parts(read: object, publish: object, where: object, rid: RequestId = N
             )
         try:
             where, where_key = _shared_where(where)
+        except UnicodeEncodeError:  # a lone surrogate, which json.loads lets through
+            raise Unauthorized(
+                "the token's 'where' claim must be valid text (it holds a lone surrogate)",
+                request_id=rid,
+            ) from None
         except ValueError:  # NaN or Infinity, which json.loads lets through
             raise Unauthorized(
                 "the token's 'where' claim must not hold NaN or Infinity", request_id=rid

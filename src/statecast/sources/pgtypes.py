@@ -280,9 +280,14 @@ def _json(text: str, numeric_as_number: bool) -> object:
     # msgspec refuses numbers beyond float range (``1e400``, valid in ``json``): keep those
     # as strings rather than turn them into infinities JSON cannot carry.
     try:
-        return json.loads(text, parse_float=_keep_big_float)
+        value = json.loads(text, parse_float=_keep_big_float)
     except ValueError:
         raise _error("json", text) from None
+    try:  # ``json`` keeps "\ud800" as written, and json.loads takes a lone surrogate
+        msgspec.json.encode(value)
+    except UnicodeEncodeError:
+        raise _error("json", text, " (a lone surrogate: not text a record can hold)") from None
+    return value
 
 
 def _bytea(text: str, numeric_as_number: bool) -> object:
