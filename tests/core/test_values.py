@@ -401,6 +401,11 @@ def test_module_is_pure() -> None:
         b"[ 1e400 ]",
         b"9" * 5001,
         b'{"x":' + b"1" * 4400 + b"}",
+        # found by an adversarial run: a long mantissa with a two-digit exponent
+        b"1" * 250 + b"e60",
+        b"[" + b"1" * 300 + b"e99]",
+        b"-" + b"9" * 210 + b".5e99",
+        b'{"a" : ' + b"1" * 250 + b"E+60}",  # and on the slow path
     ],
 )
 def test_numbers_no_client_can_read_are_refused(raw: bytes) -> None:
@@ -410,6 +415,17 @@ def test_numbers_no_client_can_read_are_refused(raw: bytes) -> None:
         canonical_value(raw)
 
 
-@pytest.mark.parametrize("raw", [b'"e1000"', b'"' + b"7" * 400 + b'"', b"1e308", b"[1e-300]"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'"e1000"',
+        b'"' + b"7" * 400 + b'"',
+        b"1e308",
+        b"[1e-300]",
+        b"9" * 209 + b"e99",  # just under 10^308
+        b"1" * 250 + b"e-60",
+        b"0." + b"1" * 400 + b"e99",
+    ],
+)
 def test_what_only_looks_like_a_big_number_is_kept(raw: bytes) -> None:
     assert canonical_value(raw) == raw

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from statecast import Change, Server
+from statecast.core import state as state_module
 from tests.helpers import TIMEOUT, LineClient, frames_of
 
 
@@ -275,3 +276,43 @@ def test_websocket_heartbeat() -> None:
         assert asyncio.run(main()) == [{"type": "heartbeat", "seq": 0}]
     finally:
         srv.stop_in_thread()
+
+
+def test_an_http_snapshot_takes_one_step_a_loop_turn(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an adversarial run: a snapshot whose filter matched nothing never gave
+    the loop back (no write, so no await), and stalled every other client for as long
+    as it ran. Each step now ends its loop turn, matching or not: a callback scheduled
+    during the first step has run by the third. No timing is involved."""
+    server.publish([Change("orders", f"O-{i}", {"account": "A"}) for i in range(5000)])
+    seen: list[bool] = []
+    ran = threading.Event()
+    calls = 0
+    original = state_module.Snapshot.read
+
+    def read(self: state_module.Snapshot, max_bytes: int) -> list[bytes]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # on the server's loop: a callback for its next turn
+            asyncio.get_running_loop().call_soon(ran.set)
+        elif calls == 3:
+            seen.append(ran.is_set())
+        return original(self, max(1, max_bytes // 64))  # many small steps
+
+    monkeypatch.setattr(state_module.Snapshot, "read", read)
+
+    async def main() -> None:
+        async with aiohttp.ClientSession() as http:
+            for where in ('{"account":"none"}', '{"account":"A"}'):
+                seen.clear()
+                ran.clear()
+                nonlocal calls
+                calls = 0
+                async with http.get(base(server) + "/v1/snapshot?where=" + where) as r:
+                    assert r.status == 200
+                    frames = frames_of(await r.read())
+                assert frames[-1]["type"] == "snapshot_end"
+                assert seen == [True], where
+
+    asyncio.run(main())

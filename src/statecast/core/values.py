@@ -96,17 +96,19 @@ _DEEP_REASON: Final = f"nested deeper than {MAX_DEPTH} levels"
 
 
 _PLAIN_LINE: Final = bytes(b for b in range(0x21, 0x80) if b != 0x5C)
-# What may be a number no client can read (beyond a double: 1e400; an integer of
-# thousands of digits): a three-digit exponent or a long run of digits, also inside a
-# string (then the real check, a decode, clears it).
+# What may be a number no client can read (beyond a double: 1e400, or 250 digits
+# times 1e60; an integer of thousands of digits): a three-digit exponent, or a run of
+# 210 digits or more, also inside a string (then the real check, a decode, clears it).
+# With at most 209 digits before the point and at most a two-digit exponent, a number
+# stays under 10^(209+99) = 10^308, within a double's range (about 1.8 x 10^308).
 # Digits and signs become "0" and "E" becomes "e": a three-digit exponent is then
 # "e000" whatever its sign, and a long number is a long run of "0".
 _TO_ZERO: Final = bytes.maketrans(b"123456789+-E", b"00000000000e")
-_LONG_RUN: Final = b"0" * 309
+_LONG_RUN: Final = b"0" * 210
 
 
 def _may_hold_big_number(data: bytes) -> bool:
-    """A three-digit exponent or 309 digits in a row somewhere in ``data``: one
+    """A three-digit exponent or 210 digits in a row somewhere in ``data``: one
     translation and two substring searches (C speed; a regular expression costs
     milliseconds on a 200 KB request line). False alarms only cost a decode."""
     zeros = data.translate(_TO_ZERO)

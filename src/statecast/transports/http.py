@@ -7,6 +7,7 @@ transport: one state, one change log, one fan-out.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
 import logging
 import time
@@ -132,6 +133,9 @@ class _Handlers:
                 if lines:
                     sent += len(lines)
                     await resp.write(b"".join(lines))  # waits while the client is slow
+                # One step a loop turn, like every stream (§7): the write above returns
+                # at once while the socket takes it, and a filter may match nothing.
+                await asyncio.sleep(0)
             if snap.cut:  # §7: it kept too many old versions alive; say so, last
                 await resp.write(encode_error(SlowConsumer("the snapshot was cut: sync again")))
             else:
@@ -165,7 +169,7 @@ class _Handlers:
             self.require_ready()
             grant = self.grant_of(request, required=True)
             assert grant is not None
-            body = await request.read()
+            body = await self.body_of(request)
             prepared = admit_publish(
                 parse_publish_body(body), grant, self.host.limits, self.host.engine
             )
@@ -173,6 +177,10 @@ class _Handlers:
             return error_response(
                 TooLarge(f"request body longer than {self.host.config.max_line} bytes")
             )
+        except web.RequestPayloadError as exc:  # e.g. a body its Content-Encoding is not
+            # "400, message:\n  Can not decode content-encoding: gzip" -> the reason
+            reason = " ".join(str(exc).split()).removeprefix("400, message:").strip()
+            return error_response(BadRequest(f"the request body cannot be read: {reason}"))
         except ProtocolError as exc:
             return error_response(exc)
         result = await self.host.apublish_prepared(prepared)
@@ -180,6 +188,20 @@ class _Handlers:
             return error_response(result)
         ack = Ack(int(result), duplicate=isinstance(result, Duplicate))
         return web.Response(body=msgspec.json.encode(ack), content_type="application/json")
+
+    async def body_of(self, request: web.Request) -> bytes:
+        """The request's body, within ``--request-timeout`` of its head (§7): the head
+        timeout of :class:`TimedServer` ends with the head, and a client that then
+        sends nothing would hold the request open for good."""
+        timeout = self.host.limits.request_timeout
+        try:
+            return await asyncio.wait_for(request.read(), timeout)
+        except TimeoutError:
+            self.host.engine.limit_hits["request_timeout"] += 1
+            assert timeout is not None
+            raise BadRequest(
+                f"the request body was not sent within {timeout:g}s: closing"
+            ) from None
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -227,8 +249,10 @@ def _static(name: str) -> Any:
 
 class QuietClientErrors(logging.Filter):
     """aiohttp logs a traceback at ERROR for each client that leaves mid-response or
-    sends a malformed request: client behaviour, not a server fault. They become one
-    INFO line without traceback, at most one per ``every`` seconds."""
+    sends a malformed request (or a body that does not decode, which aiohttp meets
+    again when it drains the rest after the 400): client behaviour, not a server
+    fault. They become one INFO line without traceback, at most one per ``every``
+    seconds."""
 
     def __init__(self, every: float = 10.0) -> None:
         super().__init__()
@@ -238,7 +262,9 @@ class QuietClientErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is None or not isinstance(exc, ConnectionError | HttpProcessingError):
+        if exc is None or not isinstance(
+            exc, ConnectionError | HttpProcessingError | web.RequestPayloadError
+        ):
             return True
         now = time.monotonic()
         if now - self._last < self.every:
