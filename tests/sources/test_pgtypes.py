@@ -180,6 +180,8 @@ def test_float_special_values_are_strings_because_json_has_none() -> None:
         # `json` keeps its text as written: a lone surrogate escape is valid there, and
         # no record value can carry one (the row is skipped, not the source stopped).
         (Oid.JSON, '{"a":"\\ud800"}', "lone surrogate"),
+        (Oid.JSON, "[" * 5000 + "]" * 5000, "nested too deeply"),  # not a RecursionError
+        (Oid.JSONB, '{"a":' * 3000 + "1" + "}" * 3000, "nested too deeply"),
         (Oid.JSON, '["x", {"\\udc00": 1e400}]', "lone surrogate"),
         (Oid.BYTEA, "\\xzz", "bytea"),
         (Oid.BYTEA, "\\x0", "bytea"),
@@ -192,6 +194,12 @@ def test_float_special_values_are_strings_because_json_has_none() -> None:
 def test_malformed_text_raises_pgtype_error(oid: int, text: str, match: str) -> None:
     with pytest.raises(PgTypeError, match=match):
         convert(oid, text, numeric_as_number=True)
+
+
+def test_a_numeric_of_more_digits_than_python_converts_stays_exact_text() -> None:
+    big = "9" * 5000
+    assert convert(Oid.NUMERIC, big, numeric_as_number=True) == big
+    assert convert(Oid.NUMERIC, "-" + big, numeric_as_number=True) == "-" + big
 
 
 def test_pgtype_error_is_a_value_error_and_shortens_long_text() -> None:

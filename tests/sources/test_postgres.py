@@ -1039,6 +1039,47 @@ def test_a_slot_dropped_while_streaming_stops_the_source_and_says_why(
     )
 
 
+@pytest.mark.parametrize(
+    ("ddl", "said"),
+    [
+        (
+            "ALTER TABLE keyed DROP CONSTRAINT keyed_pkey;"
+            " ALTER TABLE keyed ADD PRIMARY KEY (code)",
+            "the primary key of the PostgreSQL table public.keyed changed (from id to code)",
+        ),
+        (
+            "ALTER TABLE keyed REPLICA IDENTITY USING INDEX keyed_code_key",
+            "now has REPLICA IDENTITY USING INDEX",
+        ),
+        ("ALTER TABLE keyed ALTER id TYPE float8", "key column id changed"),
+    ],
+    ids=["new primary key", "identity using index", "key type"],
+)
+def test_a_key_changed_while_streaming_stops_the_source_and_says_why(
+    db: Db, caplog: pytest.LogCaptureFixture, ddl: str, said: str
+) -> None:
+    """Found by an adversarial run: records are keyed by the primary key as it was at
+    the start; once it changes, old records would stay and deletes would miss them,
+    silently. The source now stops, says what changed and how to reload."""
+    db.execute(
+        "CREATE TABLE keyed (id int PRIMARY KEY, code text NOT NULL UNIQUE, v text)",
+        "INSERT INTO keyed VALUES (1, 'a', 'x')",
+    )
+    with caplog.at_level(logging.ERROR, "statecast"), serving(db, tables="keyed") as server:
+        wait_for(lambda: server.source_ready, "the source to stream")
+        db.execute(ddl, "UPDATE keyed SET v = 'y'")
+        wait_for(
+            lambda: (server.source_status() or {}).get("state") == "failed",
+            "the source to fail",
+            TIMEOUT * 3,
+        )
+        assert records(server, "keyed") == {"1": {"id": 1, "code": "a", "v": "x"}}
+    assert any(
+        said in r.getMessage() and "restart statecast to reload" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
+
+
 def test_a_store_failure_is_retried_without_loss(
     db: Db, monkeypatch: pytest.MonkeyPatch, handoffs: list[SourceBatch]
 ) -> None:
@@ -1244,6 +1285,15 @@ def test_keys_of_each_shape() -> None:
     with pytest.raises(RowError, match="nested deeper than 64"):
         deep.upsert(["1", "[" * 70 + "]" * 70])
     assert (deep.upsert(["1", "[" * 60 + "]" * 60])[3] or b"").count(b"[") == 60
+    # --numeric-as-number never makes a key a float: 0.1 and 0.1000000000000000001 are
+    # two rows (found by an adversarial run: they were one record); an integer stays one.
+    priced = Shape(
+        "t", "the table t", [("k", Oid.NUMERIC), ("px", Oid.NUMERIC)], ["k"], numeric_as_number=True
+    )
+    assert priced.upsert(["0.1", "0.1"])[1] == "0.1"
+    assert priced.upsert(["0.1000000000000000001", "1"])[1] == "0.1000000000000000001"
+    assert priced.upsert(["42", "1.5"]) == ("t", "42", b'"42"', b'{"k":42,"px":1.5}')
+    assert priced.upsert(["12.50", "2"])[3] == b'{"k":"12.50","px":2}'
     # `json` keeps "\ud800" as written; no record can hold a lone surrogate: the row is
     # refused with the column named (the source skips it), not an error that stops it.
     loose = Shape("t", "the table t", [("id", Oid.INT4), ("j", Oid.JSON)], ["id"])

@@ -117,6 +117,13 @@ def converter(type_oid: int, numeric_as_number: bool) -> _Converter:
     return functools.partial(_convert, type_oid, numeric_as_number)
 
 
+def _numeric_key(text: str) -> object:
+    """A numeric primary key column's value with ``--numeric-as-number``: an integer as
+    a number, anything else as its exact text (see :class:`Shape`)."""
+    value = convert(Oid.NUMERIC, text, numeric_as_number=True)
+    return value if type(value) is int else text
+
+
 def _convert(type_oid: int, numeric_as_number: bool, text: str) -> object:
     return convert(type_oid, text, numeric_as_number=numeric_as_number)
 
@@ -216,8 +223,15 @@ class Shape:
         self.collection = collection
         self.label = label  # for messages: 'the PostgreSQL table public.orders'
         self.names: tuple[str, ...] = tuple(name for name, _ in columns)
+        # A numeric key column is never a float, even with numeric_as_number: two keys
+        # that a float cannot tell apart (0.1 and 0.1000000000000000001) are two rows.
+        # It stays its exact text (an integer one a number, which is exact too).
+        keyed = set(key)
         self.converters: tuple[_Converter, ...] = tuple(
-            converter(oid, numeric_as_number) for _, oid in columns
+            _numeric_key
+            if numeric_as_number and oid == Oid.NUMERIC and name in keyed
+            else converter(oid, numeric_as_number)
+            for name, oid in columns
         )
         # The columns whose text is converted (the others are kept as they are).
         self.to_convert: tuple[tuple[int, Callable[[str], object]], ...] = tuple(

@@ -196,7 +196,10 @@ def _numeric(text: str, numeric_as_number: bool) -> object:
     if not numeric_as_number or text in _SPECIAL_FLOATS:
         return text
     if _INTEGER.fullmatch(text) is not None:
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:  # more digits than Python converts (4,300): keep it exact
+            return text
     try:
         value = float(text)
     except ValueError:
@@ -277,10 +280,14 @@ def _json(text: str, numeric_as_number: bool) -> object:
         return msgspec.json.decode(text)
     except msgspec.DecodeError:
         pass
+    except RecursionError:  # jsonb nests up to about 1,000 levels, json without limit
+        raise _error("json", text, " (nested too deeply to read)") from None
     # msgspec refuses numbers beyond float range (``1e400``, valid in ``json``): keep those
     # as strings rather than turn them into infinities JSON cannot carry.
     try:
         value = json.loads(text, parse_float=_keep_big_float)
+    except RecursionError:
+        raise _error("json", text, " (nested too deeply to read)") from None
     except ValueError:
         raise _error("json", text) from None
     try:  # ``json`` keeps "\ud800" as written, and json.loads takes a lone surrogate

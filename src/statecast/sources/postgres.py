@@ -1186,6 +1186,7 @@ class PostgresSource:
             )
             return None
         columns = [(c.name, self._base_type(c.type_oid)) for c in relation.columns]
+        self._check_key(table, relation, columns)
         try:
             return Shape(
                 table.collection,
@@ -1200,6 +1201,40 @@ class PostgresSource:
                 f"slot (SELECT pg_drop_replication_slot('{self.settings.slot}')) and restart "
                 "statecast to reload"
             ) from None
+
+    def _check_key(
+        self, table: Table, relation: pgoutput.Relation, columns: list[tuple[str, int]]
+    ) -> None:
+        """Stop (``SourceFailed``, saying what to do) when a table's key is no longer
+        what its records are keyed by: a changed primary key or replica identity, or a
+        key column of another type. Its records could not be found again by key (old
+        ones would stay, deletes would not name them), so only a reload is exact."""
+        reload = (
+            f"drop the slot (SELECT pg_drop_replication_slot('{self.settings.slot}')) and "
+            "restart statecast to reload"
+        )
+        identity = relation.replica_identity
+        if identity in ("n", "i"):
+            what = "NOTHING" if identity == "n" else "USING INDEX"
+            raise SourceFailed(
+                f"{table.label} now has REPLICA IDENTITY {what}, so its deletes and key "
+                f'changes would not name the primary key: run ALTER TABLE "{table.schema}".'
+                f'"{table.name}" REPLICA IDENTITY DEFAULT, then {reload}'
+            )
+        if identity == "d":  # the key columns are the primary key's
+            now = {c.name for c in relation.key_columns}
+            if now != set(table.key):
+                shown = ", ".join(c.name for c in relation.key_columns) or "none"
+                raise SourceFailed(
+                    f"the primary key of {table.label} changed (from "
+                    f"{', '.join(table.key)} to {shown}): {reload}"
+                )
+        was = dict(table.columns)
+        for name, oid in columns:
+            if name in table.key and name in was and was[name] != oid:
+                raise SourceFailed(
+                    f"the type of {table.label}'s key column {name} changed: {reload}"
+                )
 
     def _idle(self, cur: Any) -> None:
         self.server_lsn = cur.wal_end
