@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -118,6 +119,10 @@ class Config:
         return self.auth_secret is not None or self.auth_public_key is not None
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # NaN passes every comparison below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, not {value}")
         self._check_network()
         self._check_store()
         self._check_source()
@@ -196,6 +201,10 @@ class Config:
         if self.slow_consumer not in ("disconnect", "conflate"):
             raise ConfigError(
                 f"slow_consumer must be 'disconnect' or 'conflate', not {self.slow_consumer!r}"
+            )
+        if self.sqlite_busy_timeout < 0:
+            raise ConfigError(
+                f"sqlite_busy_timeout must be >= 0 seconds, not {self.sqlite_busy_timeout}"
             )
         if self.max_pending < 64 * 1024:
             raise ConfigError(f"max_pending must be at least 65536 bytes, not {self.max_pending}")

@@ -147,7 +147,12 @@ def _secret_key(secret: str, setting: str) -> _Key:
         raise ConfigError(
             f"{setting} is a PEM key, not a shared secret (give a public key file instead)"
         )
-    raw = secret.encode()
+    try:
+        raw = secret.encode()
+    except UnicodeEncodeError:  # bytes that were not UTF-8 (an argument, a variable)
+        raise ConfigError(
+            f"{setting} is not valid text (it holds bytes that are not UTF-8)"
+        ) from None
     if len(raw) < MIN_SECRET_BYTES:
         raise ConfigError(
             f"{setting} must be at least {MIN_SECRET_BYTES} bytes for HS256 "
@@ -893,6 +898,8 @@ def parse_where_arg(text: str | None, setting: str = "--where") -> dict[str, obj
         value = json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"{setting}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{setting}: nested too deeply") from None
     if not isinstance(value, dict):
         raise ConfigError(f'{setting}: must be a JSON object, like \'{{"account": "ACC-1"}}\'')
     return value

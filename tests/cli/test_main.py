@@ -99,6 +99,79 @@ def test_bad_options_are_usage_errors(tmp_path: Path) -> None:
     assert "unknown store 'postgres'" in r.stderr
 
 
+DEEP = "[" * 2000 + "]" * 2000
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["serve", "--max-pending", "inf"], "'INF' is not a size"),
+        (["serve", "--max-line", "1e400"], "is not a size"),
+        (["serve", "--heartbeat", "nan"], "not a finite number or 'off'"),
+        (["serve", "--shutdown-grace", "nan"], "shutdown_grace must be a finite number"),
+        (["serve", "--sqlite-busy-timeout", "inf"], "sqlite_busy_timeout must be a finite"),
+        (["serve", "--sqlite-busy-timeout", "-1"], "sqlite_busy_timeout must be >= 0"),
+        (["stats", "--interval", "nan"], "not a number of seconds above 0"),
+        (["stats", "--interval", "1e30"], "at most 3600"),
+        (["publish", "c", "k", DEEP], "nested too deeply"),
+        (["token", "--sub", "a", "--auth-secret", "s" * 40, "--where", DEEP], "nested too deeply"),
+        (["serve", "--auth-secret", "\udcff" + "s" * 40], "is not valid text"),
+    ],
+    ids=[
+        "size-inf",
+        "size-1e400",
+        "heartbeat-nan",
+        "grace-nan",
+        "busy-inf",
+        "busy-negative",
+        "interval-nan",
+        "interval-huge",
+        "publish-deep",
+        "token-where-deep",
+        "secret-not-utf8",
+    ],
+)
+def test_odd_numbers_and_values_are_one_line_errors(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    """Found by an adversarial run: each of these was a traceback (OverflowError,
+    ValueError, RecursionError, UnicodeEncodeError) or a limit silently off."""
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:surrogateescape"}
+    r = subprocess.run(
+        [*CMD, *[a.encode("utf-8", "surrogateescape") for a in args]],
+        capture_output=True,
+        check=False,
+        cwd=tmp_path,
+        timeout=TIMEOUT * 3,
+        env=env,
+    )
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode != 0, err
+    assert "Traceback" not in err, err
+    assert said in err, err
+
+
+def test_ndjson_that_is_not_utf8_or_too_deep_is_refused_by_line(
+    proc: ServeProcess, tmp_path: Path
+) -> None:
+    for line, said in (
+        (b'{"collection":"c","key":"k","value":"\xff"}\n', "line 1: not UTF-8 text"),
+        (b'{"collection":"c","key":"k","value":' + DEEP.encode() + b"}\n", "line 1: nested"),
+    ):
+        r = subprocess.run(
+            [*CMD, "publish", "--ndjson", "--url", f"tcp://127.0.0.1:{proc.port}"],
+            input=line,
+            capture_output=True,
+            check=False,
+            cwd=tmp_path,
+            timeout=TIMEOUT * 3,
+        )
+        err = r.stderr.decode("utf-8", "replace")
+        assert r.returncode != 0, err
+        assert "Traceback" not in err, err
+        assert said in err, err
+
+
 def test_environment_variables_map_to_options(tmp_path: Path) -> None:
     env = {**os.environ, "STATECAST_MAX_PENDING": "3"}
     r = statecast(tmp_path, "serve", "--port", "0", env=env)

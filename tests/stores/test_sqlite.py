@@ -135,6 +135,37 @@ def test_a_newer_format_is_refused_and_left_alone(tmp_path: Path) -> None:
         sqlite_server(path)
 
 
+_SET_META = "UPDATE statecast_meta SET value='{}' WHERE key='{}'"
+
+
+@pytest.mark.parametrize(
+    ("sql", "said"),
+    [
+        (_SET_META.format("abc", "schema_version"), "schema_version is 'abc'"),
+        (_SET_META.format("9" * 5001, "schema_version"), "schema_version"),
+        (_SET_META.format("-5", "schema_version"), "schema_version is -5"),
+        ("DELETE FROM statecast_meta WHERE key='schema_version'", "schema_version is None"),
+        ("DELETE FROM statecast_meta WHERE key='epoch'", "no epoch"),
+        (_SET_META.format("xyz", "seq"), "seq is 'xyz'"),
+    ],
+    ids=["text", "5001-digits", "negative", "no-version", "no-epoch", "seq-text"],
+)
+def test_a_damaged_meta_table_is_refused_with_a_message(
+    tmp_path: Path, sql: str, said: str
+) -> None:
+    """Found by an adversarial run: each of these was a traceback (ValueError, KeyError,
+    TypeError) instead of a message naming the file and what is wrong."""
+    path = tmp_path / "s.db"
+    sqlite_server(path).stop_in_thread()
+    conn = sqlite3.connect(path)
+    conn.execute(sql)
+    conn.commit()
+    conn.execute("PRAGMA journal_mode=DELETE")
+    conn.close()
+    with pytest.raises(StoreError, match=rf"s\.db is damaged: .*{re.escape(said)}"):
+        sqlite_server(path)
+
+
 def test_schema_is_versioned(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     sqlite_server(path).stop_in_thread()

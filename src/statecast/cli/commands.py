@@ -372,6 +372,10 @@ async def _read_batches(
             changes.append(decoder.decode(raw))
         except msgspec.MsgspecError as exc:
             raise StatecastError(f"line {n}: not a JSON object: {exc}") from None
+        except RecursionError:
+            raise StatecastError(f"line {n}: nested too deeply (at most 64 levels)") from None
+        except UnicodeDecodeError:
+            raise StatecastError(f"line {n}: not UTF-8 text") from None
         if len(changes) >= batch:
             send(changes)
             total += len(changes)

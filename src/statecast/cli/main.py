@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import sys
 import time
@@ -46,7 +47,7 @@ def _size(text: str) -> int:
             break
     try:
         return int(float(text) * factor)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf, 1e400
         raise click.BadParameter(f"{text!r} is not a size (e.g. 8388608, 8M, 512K)") from None
 
 
@@ -72,7 +73,32 @@ class OffType(click.ParamType[Any]):
             number = self.inner(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number or 'off'", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number or 'off'", param, ctx)
         return None if self.zero_is_off and number == 0 else number
+
+
+class SecondsType(click.ParamType[float]):
+    """A finite number of seconds above 0 and at most ``most`` (``float`` takes ``nan``
+    and ``inf``)."""
+
+    name = "seconds"
+
+    def __init__(self, most: float) -> None:
+        self.most = most
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(number) or not 0 < number <= self.most:
+            self.fail(
+                f"{value!r} is not a number of seconds above 0, at most {self.most:g}", param, ctx
+            )
+        return number
 
 
 def option(flag: str, *decls: str, **kwargs: Any) -> Callable[[FC], FC]:
@@ -581,6 +607,8 @@ def publish_command(
             value = msgspec.json.decode(args[2])
         except msgspec.DecodeError as exc:
             raise click.UsageError(f"JSON is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise click.UsageError("JSON is nested too deeply (at most 64 levels)") from None
         change = Change(args[0], args[1], value, if_seq=if_seq)
     sys.exit(tools.run_tool(lambda: tools.publish_one(target, change, idempotency_key)))
 
@@ -591,7 +619,7 @@ def publish_command(
     "--interval",
     default=1.0,
     show_default=True,
-    type=float,
+    type=SecondsType(most=3600),
     help="Seconds over which rates are measured.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (the default when piped).")

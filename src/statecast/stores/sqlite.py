@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -624,6 +625,16 @@ class _Damaged(Exception):
     """The database does not hold what it should (the fold cannot go on)."""
 
 
+def _meta_int(path: Path, meta: dict[str, object], key: str) -> int:
+    """An integer of ``statecast_meta``; :class:`StoreError` saying the file is damaged
+    when it is missing or not a plain decimal integer."""
+    value = meta.get(key)
+    if not isinstance(value, str | int) or not re.fullmatch(r"-?[0-9]{1,18}", str(value)):
+        shown = repr(value)[:40]
+        raise StoreError(f"{path} is damaged: statecast_meta {key} is {shown}, not a number")
+    return int(value)
+
+
 class SQLiteStore:
     def __init__(
         self,
@@ -778,7 +789,14 @@ class SQLiteStore:
             raise StoreError(
                 f"{self.path} is not a statecast database (format {meta.get('format')!r})"
             )
-        version = int(meta.get("schema_version", "0"))
+        version = _meta_int(self.path, meta, "schema_version")
+        if version < 1:
+            raise StoreError(f"{self.path} is damaged: its schema_version is {version}")
+        _meta_int(self.path, meta, "seq")
+        if "folded_seq" in meta:  # (added by a migration when missing)
+            _meta_int(self.path, meta, "folded_seq")
+        if not isinstance(meta.get("epoch"), str) or not meta["epoch"]:
+            raise StoreError(f"{self.path} is damaged: it has no epoch in statecast_meta")
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} has format version {version}, newer than this statecast understands "
