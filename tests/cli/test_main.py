@@ -172,6 +172,14 @@ def test_ndjson_that_is_not_utf8_or_too_deep_is_refused_by_line(
         assert said in err, err
 
 
+@pytest.mark.parametrize("path", ["/nonexistent/dir/f", "/etc/passwd/x", ""])
+def test_sync_to_a_file_it_cannot_open_says_so(tmp_path: Path, path: str) -> None:
+    r = statecast(tmp_path, "sync", "-o", path, "--url", "tcp://127.0.0.1:9")
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "Could not open file" in r.stderr, r.stderr
+
+
 def test_environment_variables_map_to_options(tmp_path: Path) -> None:
     env = {**os.environ, "STATECAST_MAX_PENDING": "3"}
     r = statecast(tmp_path, "serve", "--port", "0", env=env)

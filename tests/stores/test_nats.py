@@ -874,3 +874,14 @@ def test_three_servers_lose_the_stream_leader_under_load(tmp_path: Path) -> None
     finally:
         nodes.close()
         cluster.close()
+
+
+def test_a_password_in_the_store_url_is_never_shown(tmp_path: Path) -> None:
+    """Found by an adversarial run: ``--store nats://user:pw@host`` showed the password
+    in the log ("cannot reach a NATS server at ..."), stats and /metrics' store text."""
+    config = statecast.Config(store="nats://alice:s3cret@127.0.0.1:1,nats://127.0.0.1:2")
+    store = NatsStore(config)
+    assert "s3cret" not in store.description
+    assert "alice:***@127.0.0.1:1" in store.description
+    assert "s3cret" not in store.shown
+    assert store.servers[0] == "nats://alice:s3cret@127.0.0.1:1"  # still used to connect

@@ -493,7 +493,11 @@ def sync_command(
             lambda: tools.sync(target, _collections(collections), sys.stdout.buffer, "stdout")
         )
     else:
-        with open(output, "wb") as f:
+        try:
+            f = open(output, "wb")  # noqa: SIM115 (closed below, after the sync)
+        except OSError as exc:  # a missing directory, a path through a file, ""
+            raise click.FileError(output, exc.strerror or str(exc)) from None
+        with f:
             code = tools.run_tool(lambda: tools.sync(target, _collections(collections), f, output))
     sys.exit(code)
 

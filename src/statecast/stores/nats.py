@@ -45,7 +45,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from statecast.config import Config
+from statecast.config import Config, redact_url
 from statecast.core.changelog import ChangeLog
 from statecast.core.dedupe import Dedupe, KeyRecord
 from statecast.core.protocol import Conditions, PreparedChange, check_conditions
@@ -192,9 +192,11 @@ class NatsStore:
     def __init__(self, config: Config, *, checkpoint_interval: int | None = None) -> None:
         self.config = config
         self.servers = _servers(config.store)
+        # For messages, logs and stats: never a password (found by an adversarial run).
+        self.shown = ", ".join(redact_url(server) for server in self.servers)
         self.stream = config.nats_stream
         self.subjects = Subjects(self.stream)
-        self.description = f"{','.join(self.servers)} (stream {self.stream})"
+        self.description = f"{self.shown.replace(', ', ',')} (stream {self.stream})"
         self.retain = config.retain
         configured = checkpoint_interval or config.nats_checkpoint_interval
         self.checkpoint_interval = int(
@@ -358,7 +360,7 @@ class NatsStore:
         try:
             await nc.connect(**opts)
         except nats.errors.NoServersError:
-            raise StoreError(f"cannot reach a NATS server at {', '.join(self.servers)}") from None
+            raise StoreError(f"cannot reach a NATS server at {self.shown}") from None
         return nc
 
     async def _nats_error(self, exc: Exception) -> None:
@@ -399,7 +401,7 @@ class NatsStore:
             loop = self._loop
             if loop is not None and loop.time() < self._started_at + PUBLISH_DEADLINE:
                 return None
-            return f"this node cannot reach a NATS server at {', '.join(self.servers)}"
+            return f"this node cannot reach a NATS server at {self.shown}"
         if not self._connected:
             return "this node has lost its connection to NATS; try again later"
         return self._trouble
@@ -432,8 +434,7 @@ class NatsStore:
             raise
         except nats.errors.NoRespondersError:
             raise StoreError(
-                f"the NATS server at {', '.join(self.servers)} has no JetStream "
-                "(start nats-server with -js)"
+                f"the NATS server at {self.shown} has no JetStream (start nats-server with -js)"
             ) from None
         assert isinstance(info, dict)
         return info
