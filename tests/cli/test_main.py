@@ -116,6 +116,8 @@ DEEP = "[" * 2000 + "]" * 2000
         (["publish", "c", "k", DEEP], "nested too deeply"),
         (["token", "--sub", "a", "--auth-secret", "s" * 40, "--where", DEEP], "nested too deeply"),
         (["serve", "--auth-secret", "\udcff" + "s" * 40], "is not valid text"),
+        (["stats", "--token", "t\udcff", "--url", "tcp://127.0.0.1:9"], "--token is not valid"),
+        (["sync", "--collections", "a\udcff", "--url", "tcp://127.0.0.1:9"], "--collections is"),
     ],
     ids=[
         "size-inf",
@@ -129,6 +131,8 @@ DEEP = "[" * 2000 + "]" * 2000
         "publish-deep",
         "token-where-deep",
         "secret-not-utf8",
+        "token-not-utf8",
+        "collections-not-utf8",
     ],
 )
 def test_odd_numbers_and_values_are_one_line_errors(

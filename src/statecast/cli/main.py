@@ -462,7 +462,20 @@ def client_options(fn: FC) -> FC:
     return url_option(fn)
 
 
+def _text(value: str | None, option: str) -> None:
+    """An argument or variable holding bytes that are not UTF-8 arrives with surrogates
+    (surrogateescape) that no frame can carry: a usage error, not a traceback."""
+    if value is not None:
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise click.UsageError(
+                f"{option} is not valid text (bytes that are not UTF-8)"
+            ) from None
+
+
 def _target(url: str, ca_file: str | None, token: str | None) -> tools.Target:
+    _text(token, "--token")
     try:
         return tools.Target(url, ca_file, token).check()
     except ConfigError as exc:
@@ -470,6 +483,7 @@ def _target(url: str, ca_file: str | None, token: str | None) -> tools.Target:
 
 
 def _collections(text: str | None) -> list[str] | None:
+    _text(text, "--collections")
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
