@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from statecast.cli import commands
 from tests.helpers import CMD, TIMEOUT, LineClient, ServeProcess, frames_of, free_port
 
 
@@ -184,3 +188,58 @@ def test_publish_usage_errors(server: ServeProcess) -> None:
     r = run(server, "publish", "bad collection", "k", "1")
     assert r.returncode == 1
     assert "invalid collection name" in r.stderr
+
+
+# -- a server that says hello and then nothing -----------------------------------------
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP port whose server sends a valid hello, then reads and answers nothing."""
+
+    hello = (
+        b'{"type":"hello","server":"statecast","version":"0","protocol":1,"epoch":"e","seq":0}\n'
+    )
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.sendall(hello)
+            held.append(conn)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        t.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("command", ["stats", "sync"])
+def test_a_server_that_never_answers_is_given_up_on(
+    silent_server: int,
+    command: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Found by an adversarial run: ``stats`` and ``sync`` waited for good."""
+    monkeypatch.setattr(commands, "ANSWER_TIMEOUT", 0.5)
+    target = commands.Target(f"tcp://127.0.0.1:{silent_server}", None, None).check()
+    if command == "stats":
+        code = commands.run_tool(lambda: commands.stats(target, 0.1, True))
+    else:
+        out = io.BytesIO()
+        code = commands.run_tool(lambda: commands.sync(target, None, out, "memory"))
+    assert code == 1
+    assert "no answer from tcp://127.0.0.1" in capsys.readouterr().err

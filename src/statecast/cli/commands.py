@@ -125,8 +125,31 @@ def run_tool(coro: Callable[[], Awaitable[int]]) -> int:
             return 1
 
 
+# How long a command waits for the server's answer, or for the next part of a snapshot,
+# before it says so and gives up (a server that accepts and then says nothing).
+ANSWER_TIMEOUT = 30.0
+
+
+def _silent(target: Target) -> StatecastError:
+    return StatecastError(
+        f"no answer from {target.url} for {ANSWER_TIMEOUT:g} s: is it a statecast server, "
+        "and is it well?"
+    )
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
+
+
+@contextlib.asynccontextmanager
+async def _answer_within(target: Target) -> AsyncIterator[asyncio.Timeout]:
+    """``asyncio.timeout(ANSWER_TIMEOUT)``, whose expiry says so in one line;
+    ``reschedule`` on what it gives pushes the deadline on (progress was made)."""
+    try:
+        async with asyncio.timeout(ANSWER_TIMEOUT) as deadline:
+            yield deadline
+    except TimeoutError:
+        raise _silent(target) from None
 
 
 # -- sync ---------------------------------------------------------------------------
@@ -153,34 +176,38 @@ async def sync(target: Target, collections: list[str] | None, output: IO[bytes],
         records = 0
         end: SnapshotEnd | None = None
         begin: SnapshotBegin | None = None
+        loop = asyncio.get_running_loop()
         with progress:
-            task = progress.add_task("sync", total=None, total_text="?", mb="", rate="")
-            buf: list[bytes] = []
-            async for frame in client.sync_raw(collections=collections):
-                if isinstance(frame, bytes):  # a record line, copied as it came
-                    buf.append(frame)
-                    records += 1
-                    if len(buf) >= 1024:
-                        output.write(b"\n".join(buf) + b"\n")
-                        buf = []
-                        got = client.bytes_received - start_bytes
-                        elapsed = max(time.monotonic() - t0, 1e-6)
+            async with _answer_within(target) as quiet:
+                task = progress.add_task("sync", total=None, total_text="?", mb="", rate="")
+                buf: list[bytes] = []
+                async for frame in client.sync_raw(collections=collections):
+                    if isinstance(frame, bytes):  # a record line, copied as it came
+                        buf.append(frame)
+                        records += 1
+                        if len(buf) >= 1024:
+                            quiet.reschedule(loop.time() + ANSWER_TIMEOUT)  # it makes progress
+                            output.write(b"\n".join(buf) + b"\n")
+                            buf = []
+                            got = client.bytes_received - start_bytes
+                            elapsed = max(time.monotonic() - t0, 1e-6)
+                            progress.update(
+                                task,
+                                completed=records,
+                                mb=_mb(got),
+                                rate=f"{got / elapsed / 1e6:,.0f} MB/s",
+                            )
+                    elif isinstance(frame, SnapshotBegin):
+                        quiet.reschedule(loop.time() + ANSWER_TIMEOUT)
+                        begin = frame
+                        total = frame.count
                         progress.update(
-                            task,
-                            completed=records,
-                            mb=_mb(got),
-                            rate=f"{got / elapsed / 1e6:,.0f} MB/s",
+                            task, total=total, total_text=f"{total:,}" if total is not None else "?"
                         )
-                elif isinstance(frame, SnapshotBegin):
-                    begin = frame
-                    total = frame.count
-                    progress.update(
-                        task, total=total, total_text=f"{total:,}" if total is not None else "?"
-                    )
-                elif isinstance(frame, SnapshotEnd):
-                    end = frame
-            if buf:
-                output.write(b"\n".join(buf) + b"\n")
+                    elif isinstance(frame, SnapshotEnd):
+                        end = frame
+                if buf:
+                    output.write(b"\n".join(buf) + b"\n")
         output.flush()
         got = client.bytes_received - start_bytes
     elapsed = time.monotonic() - t0
@@ -391,10 +418,12 @@ async def _read_batches(
 async def stats(target: Target, interval: float, as_json: bool) -> int:
     """The server's counters, and rates measured over ``interval`` seconds."""
     async with target.open() as client:
-        first = await client.stats()
+        async with _answer_within(target):
+            first = await client.stats()
         t0 = time.monotonic()
         await asyncio.sleep(interval)
-        second = await client.stats()
+        async with _answer_within(target):
+            second = await client.stats()
         dt = time.monotonic() - t0
     rates = {
         "changes_per_second": (second.changes_published - first.changes_published) / dt,
