@@ -31,8 +31,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from common import encode
-from load import record_value
+from ingest import workload
 from statecast.core.engine import Engine
 from statecast.core.frames import Ack
 from statecast.core.frames import encode as encode_ack
@@ -45,23 +44,6 @@ from statecast.stores.memory import MemoryStore
 
 READ = 1 << 16
 T = TypeVar("T")
-
-
-def lines_of(changes: int, batch: int, value_size: int) -> list[bytes]:
-    """``ingest.py``'s publish lines, with their ``\\n``."""
-    out = []
-    for b in range(0, changes, batch):
-        keys = [f"O-{i:08d}" for i in range(b, min(changes, b + batch))]
-        values = [encode(record_value(i, value_size)) for i in range(b, b + len(keys))]
-        out.append(
-            b'{"op":"publish","changes":['
-            + b",".join(
-                b'{"collection":"orders","key":"%s","value":%s}' % (k.encode(), v)
-                for k, v in zip(keys, values, strict=True)
-            )
-            + b"]}\n"
-        )
-    return out
 
 
 class _Sink:
@@ -181,7 +163,7 @@ def main() -> None:
     ap.add_argument("--against", metavar="SRC", help="alternate with the code in SRC")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
-    lines = lines_of(args.changes, args.batch, args.value_size)
+    lines = workload(args.changes, args.batch, args.value_size).statecast  # ingest.py's
     assert isinstance(parse_request(lines[0][:-1]), PublishRequest)
     if args.against:
         other = other_version(args.against)

@@ -70,6 +70,12 @@ class FakeCpu:
         return self.now
 
 
+def demand_pacer(min_interval: float) -> tuple[FakeLoop, FakeCpu, FlushPacer]:
+    """A pacer following demand, on a fake loop and a fake CPU clock."""
+    loop, cpu = FakeLoop(), FakeCpu()
+    return loop, cpu, FlushPacer(loop, min_interval, follow_demand=True, cpu_clock=cpu)
+
+
 def busy(loop: FakeLoop, cpu: FakeCpu, seconds: float) -> None:
     """The loop works (not the fan-out) for ``seconds``."""
     loop.now += seconds
@@ -77,8 +83,7 @@ def busy(loop: FakeLoop, cpu: FakeCpu, seconds: float) -> None:
 
 
 def test_following_demand_a_loop_with_little_else_to_do_flushes_again_soon() -> None:
-    loop, cpu = FakeLoop(), FakeCpu()
-    pacer = FlushPacer(loop, 0.0, follow_demand=True, cpu_clock=cpu)
+    loop, cpu, pacer = demand_pacer(0.0)
     flush_cost = 0.010  # a thousand subscribers
 
     def flush() -> None:
@@ -95,8 +100,7 @@ def test_following_demand_a_loop_with_little_else_to_do_flushes_again_soon() -> 
 
 
 def test_following_demand_busy_ingest_keeps_half_the_loop() -> None:
-    loop, cpu = FakeLoop(), FakeCpu()
-    pacer = FlushPacer(loop, 0.0, follow_demand=True, cpu_clock=cpu)
+    loop, cpu, pacer = demand_pacer(0.0)
 
     def flush() -> None:
         busy(loop, cpu, 0.010)
@@ -116,8 +120,7 @@ def test_following_demand_busy_ingest_keeps_half_the_loop() -> None:
 
 
 def test_following_demand_a_flush_slowed_by_other_processes_backs_off() -> None:
-    loop, cpu = FakeLoop(), FakeCpu()
-    pacer = FlushPacer(loop, 0.0, follow_demand=True, cpu_clock=cpu)
+    loop, cpu, pacer = demand_pacer(0.0)
 
     def flush() -> None:
         busy(loop, cpu, 0.002)
@@ -130,8 +133,7 @@ def test_following_demand_a_flush_slowed_by_other_processes_backs_off() -> None:
 
 
 def test_following_demand_keeps_the_minimum_interval() -> None:
-    loop, cpu = FakeLoop(), FakeCpu()
-    pacer = FlushPacer(loop, 0.010, follow_demand=True, cpu_clock=cpu)
+    loop, _, pacer = demand_pacer(0.010)
     pacer.schedule(lambda: None)
     loop.run_next()
     pacer.schedule(lambda: None)

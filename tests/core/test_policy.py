@@ -295,13 +295,13 @@ def test_subject_is_checked_before_the_other_claims() -> None:
     """Both paths of tokens.py report the first fault in the same order: sub, exp,
     where, read, publish."""
     with pytest.raises(Unauthorized, match="'sub' claim must be a non-empty string"):
-        Grant.of_claims("", 5, 7, 7, [1])
+        Grant.from_claims({"sub": "", "exp": 5, "read": 7, "publish": 7, "where": [1]})
     with pytest.raises(Unauthorized, match="'exp' claim must be a number"):
-        Grant.of_claims("a", "soon", 7, 7, [1])
+        Grant.from_claims({"sub": "a", "exp": "soon", "read": 7, "publish": 7, "where": [1]})
     with pytest.raises(Unauthorized, match="'where' claim must be a JSON object"):
-        Grant.of_claims("a", 5, 7, 7, [1])
+        Grant.from_claims({"sub": "a", "exp": 5, "read": 7, "publish": 7, "where": [1]})
     with pytest.raises(Unauthorized, match="'read' claim must be"):
-        Grant.of_claims("a", 5, 7, 7, None)
+        Grant.from_claims({"sub": "a", "exp": 5, "read": 7, "publish": 7})
 
 
 def test_claims_roundtrip() -> None:

@@ -395,27 +395,11 @@ class Grant:
         not of the shape in the module docstring. Messages name the claim, never echo
         the token."""
         get = claims.get
-        return cls.of_claims(
-            get("sub"), get("exp"), get("read"), get("publish"), get("where"), rid=rid
-        )
-
-    @classmethod
-    def of_claims(
-        cls,
-        sub: object,
-        exp: object,
-        read: object,
-        publish: object,
-        where: object,
-        *,
-        rid: RequestId = None,
-    ) -> Grant:
-        """:meth:`from_claims` for claims already taken out of their object (a missing
-        claim is ``None``)."""
+        sub, exp = get("sub"), get("exp")
         check_subject(sub, exp, rid)
         assert isinstance(sub, str)
         assert isinstance(exp, int | float)
-        return cls.of_parts(sub, exp, claim_parts(read, publish, where, rid))
+        return cls.of_parts(sub, exp, claim_parts(get("read"), get("publish"), get("where"), rid))
 
     @classmethod
     def of_parts(cls, sub: str, exp: float, parts: ClaimParts) -> Grant:
