@@ -15,6 +15,12 @@ Such a batch carries ``ops`` (in transaction order) instead of changes. The appl
 it once every earlier batch of the source is installed (a durable store commits batches in
 groups, so the state may not show them yet), against the state and the batch's own earlier
 changes, and submits the result.
+
+An unchanged column whose value the state does not hold is never written as ``null``
+(docs/postgres.md, "Unchanged TOASTed columns"): a row statecast does not hold (it was left
+out) stays left out; a record that lacks the column fails the batch with
+:class:`SourceFailed`, and the applier then refuses every later batch, so that nothing is
+committed past it.
 """
 
 from __future__ import annotations
@@ -32,14 +38,19 @@ from statecast.core.engine import Engine
 from statecast.core.protocol import PreparedChange
 from statecast.core.state import State
 from statecast.core.store import Position
-from statecast.errors import ProtocolError, ShuttingDown
+from statecast.errors import ProtocolError, ShuttingDown, StatecastError
 from statecast.sources.pgmap import RowError, Shape
 
-__all__ = ["Applier", "Op", "Patch", "SourceBatch", "Truncate", "resolve"]
+__all__ = ["Applier", "Op", "Patch", "SourceBatch", "SourceFailed", "Truncate", "resolve"]
 
 log = logging.getLogger("statecast.sources")
 
 _encode = msgspec.json.encode
+
+
+class SourceFailed(StatecastError):
+    """The source cannot go on (its slot is gone, a table changed its key or was created
+    again, a value it must keep is not known): only a reload is exact."""
 
 
 @dataclass(slots=True)
@@ -106,23 +117,30 @@ def resolve(ops: list[Op], state: State) -> list[PreparedChange]:
             else:
                 record = state.get(*source)
                 before = record.value_json() if record is not None else None
-            if op.old_key is not None:
-                out.append((shape.collection, op.old_key, _encode(op.old_key), None))
-                overlay[source] = None
             previous = None if before is None else msgspec.json.decode(before)
             try:
                 raw, missing = shape.complete(op.known, previous)
             except RowError as exc:
                 log.error("%s, key %r: skipped: %s", shape.label, op.key, exc)
                 continue
-            if missing:
+            if missing and before is None:
                 log.error(
-                    "%s, key %r: the previous value of unchanged column(s) %s is not known "
-                    "(statecast did not hold this row): set to null",
+                    "%s, key %r: left out: statecast does not hold this row (it was left "
+                    "out before), so it does not know the value of its unchanged column(s) %s",
                     shape.label,
                     op.key,
                     ", ".join(missing),
                 )
+                continue
+            if missing:
+                raise SourceFailed(
+                    f"{shape.label}, key {op.key!r}: the value of the unchanged column(s) "
+                    f"{', '.join(missing)} is not known (its record has no such column: "
+                    "renamed while statecast was away, or the table was rewritten)"
+                )
+            if op.old_key is not None:
+                out.append((shape.collection, op.old_key, _encode(op.old_key), None))
+                overlay[source] = None
             out.append((shape.collection, op.key, _encode(op.key), raw))
             overlay[where] = raw
         else:
@@ -201,6 +219,10 @@ class Applier:
                         if batch.ops is not None
                         else batch
                     )
+                except SourceFailed as exc:  # the source stops: nothing after this batch
+                    pending.future.set_exception(exc)
+                    self.close()
+                    return
                 except Exception as exc:  # a bug: fail this batch, the source retries
                     log.exception("internal error while resolving a source batch")
                     pending.future.set_exception(exc)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import msgspec
@@ -41,6 +41,7 @@ __all__ = [
     "collection_name",
     "converter",
     "copy_fields",
+    "same_form",
 ]
 
 _encode = msgspec.json.encode
@@ -145,6 +146,42 @@ _KNOWN: Final = frozenset(
 )
 
 
+_SAME_TEXT: Final = (
+    frozenset({Oid.INT2, Oid.INT4, Oid.INT8}),
+    frozenset({Oid.TEXT, Oid.VARCHAR}),
+)
+_PRECISE: Final = frozenset({Oid.TIMESTAMP, Oid.TIMESTAMPTZ, Oid.TIME, Oid.TIMETZ})
+
+
+def same_form(was: tuple[int, int], now: tuple[int, int]) -> bool:
+    """Whether a column whose type changes from ``was`` to ``now`` ((base type OID, type
+    modifier) each) keeps every value it holds as the same JSON: ``ALTER TABLE ... ALTER
+    COLUMN ... TYPE`` rewrites the rows, and statecast does not see them again.
+
+    True for the same type; integers of any width; ``text`` and ``varchar(n)``; a
+    ``numeric`` that keeps its scale (or loses its constraint); a time type whose
+    precision grows; arrays of such. Anything else (``int`` to ``numeric``, a shorter
+    ``bpchar``, a numeric scale, a new precision) may print a value otherwise.
+    """
+    (old, old_mod), (new, new_mod) = was, now
+    if old == new and old_mod == new_mod:
+        return True
+    old_element, new_element = ARRAY_ELEMENT_OIDS.get(old), ARRAY_ELEMENT_OIDS.get(new)
+    if old_element is not None or new_element is not None:
+        if old_element is None or new_element is None:
+            return False
+        return same_form((old_element, old_mod), (new_element, new_mod))
+    if any(old in group and new in group for group in _SAME_TEXT):
+        return True
+    if old != new:
+        return False
+    if old == Oid.NUMERIC:  # typmod: ((precision << 16) | scale) + 4
+        return new_mod == -1 or (old_mod != -1 and (old_mod - 4) & 0xFFFF == (new_mod - 4) & 0xFFFF)
+    if old in _PRECISE:  # typmod: the fractional digits
+        return new_mod == -1 or (old_mod != -1 and new_mod >= old_mod)
+    return False
+
+
 def may_nest(type_oid: int) -> bool:
     """Whether a value of this type can be a JSON array or object (arrays, json)."""
     return type_oid in _NESTING or type_oid in ARRAY_ELEMENT_OIDS
@@ -199,6 +236,7 @@ class Shape:
     __slots__ = (
         "collection",
         "converters",
+        "former",
         "key_index",
         "label",
         "names",
@@ -216,11 +254,15 @@ class Shape:
         key: Sequence[str],
         *,
         numeric_as_number: bool = False,
+        former: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         """``columns``: (name, type OID) in the table's order (domains resolved to their
-        base types); ``key``: the primary key's column names, in the key's order.
+        base types); ``key``: the primary key's column names, in the key's order;
+        ``former``: the earlier names of renamed columns, latest first (records not changed
+        since the rename hold the column under one of them).
         Raises ``ValueError`` if a key column is not among ``columns``."""
         self.collection = collection
+        self.former: Mapping[str, tuple[str, ...]] = former or {}
         self.label = label  # for messages: 'the PostgreSQL table public.orders'
         self.names: tuple[str, ...] = tuple(name for name, _ in columns)
         # A numeric key column is never a float, even with numeric_as_number: two keys
@@ -344,19 +386,24 @@ class Shape:
 
     def complete(self, known: dict[str, object], previous: object) -> tuple[bytes, list[str]]:
         """A row's value from its known columns and its previous value (a decoded JSON
-        object, or anything else when unknown): the columns still missing get ``null``
-        and are returned, to be reported."""
+        object), under the column's name or, for a renamed column, one it had before.
+        The columns found in neither are returned, and the value is then ``b""``: the
+        caller must not use it (docs/postgres.md, "Unchanged TOASTed columns")."""
         missing: list[str] = []
         values: list[object] = []
         old = previous if isinstance(previous, dict) else {}
         for name in self.names:
             if name in known:
                 values.append(known[name])
-            elif name in old:
-                values.append(old[name])
+                continue
+            for alias in (name, *self.former.get(name, ())):
+                if alias in old:
+                    values.append(old[alias])
+                    break
             else:
-                values.append(None)
                 missing.append(name)
+        if missing:
+            return b"", missing
         return self.encode_value(values), missing
 
 

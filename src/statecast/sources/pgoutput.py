@@ -46,6 +46,7 @@ __all__ = [
     "Column",
     "Commit",
     "Delete",
+    "EncodingError",
     "Insert",
     "LogicalMessage",
     "Message",
@@ -69,6 +70,10 @@ PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 
 class PgOutputError(ValueError):
     """The bytes are not a well-formed pgoutput protocol version 1 message."""
+
+
+class EncodingError(PgOutputError):
+    """A column's text is not UTF-8 (a ``SQL_ASCII`` database holds any bytes)."""
 
 
 class Toast(enum.Enum):
@@ -395,7 +400,7 @@ class _Reader:
                 try:
                     append(chunk.decode("utf-8"))
                 except UnicodeDecodeError as exc:
-                    raise PgOutputError(
+                    raise EncodingError(
                         f"{self.what} message: {field} column {index} is not UTF-8: {exc}"
                     ) from None
             elif kind == 0x6E:  # 'n'

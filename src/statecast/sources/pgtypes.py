@@ -31,7 +31,9 @@ json, jsonb                            the decoded JSON (objects, lists, numbers
                                        too large for a float (``1e400`` in json) stays a string
 bytea                                  base64 str of the bytes (hex or escape output format)
 arrays of the above (``int4[]``,       lists (nested for multi-dimensional arrays) of the
-``text[]``, ``jsonb[]`` ...)           converted elements; lower bounds are dropped
+``text[]``, ``jsonb[]`` ...)           converted elements; lower bounds are dropped (arrays of
+                                       enums and domains: the source reads them as ``text[]``
+                                       or the base type's array, see :data:`ARRAY_OIDS`)
 =====================================  =========================================================
 """
 
@@ -48,6 +50,7 @@ import msgspec
 
 __all__ = [
     "ARRAY_ELEMENT_OIDS",
+    "ARRAY_OIDS",
     "SESSION_SETTINGS",
     "Oid",
     "PgTypeError",
@@ -74,9 +77,11 @@ SESSION_SETTINGS: Final[Mapping[str, str]] = {
 """The session settings the conversions assume (the source sets them on every connection)."""
 
 
-def session_options() -> str:
-    """:data:`SESSION_SETTINGS` as a libpq ``options`` value: ``-c TimeZone=UTC -c ...``."""
-    return " ".join(f"-c {name}={value}" for name, value in SESSION_SETTINGS.items())
+def session_options(**overrides: str) -> str:
+    """:data:`SESSION_SETTINGS` as a libpq ``options`` value: ``-c TimeZone=UTC -c ...``;
+    ``overrides`` replace some (``client_encoding="SQL_ASCII"``)."""
+    settings = {**SESSION_SETTINGS, **overrides}
+    return " ".join(f"-c {name}={value}" for name, value in settings.items())
 
 
 class Oid:
@@ -147,6 +152,11 @@ ARRAY_ELEMENT_OIDS: Final[Mapping[int, int]] = {
     1563: Oid.VARBIT,
 }
 """Built-in array type OID -> element type OID (all use ``,`` as the element delimiter)."""
+
+ARRAY_OIDS: Final[Mapping[int, int]] = {
+    element: array for array, element in ARRAY_ELEMENT_OIDS.items()
+}
+"""Element type OID -> its built-in array type OID (the inverse of :data:`ARRAY_ELEMENT_OIDS`)."""
 
 
 def array_element_oid(type_oid: int) -> int | None:

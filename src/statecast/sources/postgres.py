@@ -29,6 +29,11 @@ How (the guarantees follow from these steps):
    is already applied.
 5. **Faults.** If PostgreSQL goes away, the source reconnects with backoff and goes on from
    the last committed transaction; meanwhile reads go on and :meth:`status` says it is down.
+   A change it cannot follow exactly (its slot gone, a followed table created again, a new
+   key, a column type whose values print otherwise, an unchanged TOASTed value it does not
+   hold) stops it with :class:`SourceFailed`, saying how to reload, before anything after
+   that transaction is committed. At a start, the stored position names each table's OID,
+   key and column types, so that such a change made while statecast was away reloads.
 
 The source runs in a thread of its own (psycopg2 blocks) and hands its batches to the loop
 thread through the server's inbox; :class:`~statecast.sources.batches.Applier` publishes them
@@ -61,24 +66,26 @@ from psycopg2 import sql
 from statecast.config import Config, redact_url
 from statecast.core.protocol import PreparedChange
 from statecast.core.store import Position, SourceStore
-from statecast.errors import ConfigError, ShuttingDown, StatecastError
+from statecast.errors import ConfigError, ShuttingDown
 from statecast.sources import pgoutput
-from statecast.sources.batches import Op, Patch, SourceBatch, Truncate
+from statecast.sources.batches import Op, Patch, SourceBatch, SourceFailed, Truncate
 from statecast.sources.pgmap import (
     RowError,
     Shape,
     collection_name,
     copy_fields,
+    same_form,
     valid_collection,
 )
 from statecast.sources.pgoutput import UNCHANGED, TupleValue, format_lsn, parse_lsn
-from statecast.sources.pgtypes import session_options
+from statecast.sources.pgtypes import ARRAY_ELEMENT_OIDS, ARRAY_OIDS, Oid, session_options
 
 __all__ = [
     "SOURCE_NAME",
     "Plan",
     "PostgresSource",
     "SourceError",
+    "SourceFailed",
     "SourceSettings",
     "Table",
 ]
@@ -107,10 +114,6 @@ _EXTRA_OPTIONS: Final = " -c statement_timeout=0 -c idle_in_transaction_session_
 
 class SourceError(ConfigError):
     """The source cannot start: the message says what to fix."""
-
-
-class SourceFailed(StatecastError):
-    """The source cannot go on (its slot is gone, a table changed its key)."""
 
 
 class _Stopped(Exception):
@@ -162,6 +165,7 @@ class Table:
     columns: tuple[tuple[str, int], ...]  # published (name, base type OID), in order
     key: tuple[str, ...]  # the primary key's columns, in the key's order
     rowfilter: str | None = None  # the publication's row filter (PostgreSQL 15+)
+    typmods: tuple[int, ...] = ()  # the columns' type modifiers (atttypmod), in order
 
     @property
     def collection(self) -> str:
@@ -219,6 +223,11 @@ class PostgresSource:
         self.tables: list[Table] = []
         self._by_oid: dict[int, Table] = {}
         self._base_types: dict[int, int] = {}
+        # What the stream said of each followed table (by OID), across reconnects: its
+        # columns as (name, base type, type modifier), and the earlier names of renamed ones.
+        self._described: dict[int, tuple[tuple[str, int, int], ...]] = {}
+        self._former: dict[int, dict[str, tuple[str, ...]]] = {}
+        self._raw_text = False  # a SQL_ASCII database: read its bytes, not converted text
         self._identity: dict[str, object] = {}
         self._position_prefix = ""
         self._plan: Plan | None = None
@@ -266,10 +275,14 @@ class PostgresSource:
     # -- connections ---------------------------------------------------------------------------
 
     def _connect(
-        self, *, replication: bool = False, extra: str = ""
+        self, *, replication: bool = False, extra: str = "", raw: bool = False
     ) -> psycopg2.extensions.connection:
+        """A connection; ``raw``, for the load and the stream: in a SQL_ASCII database,
+        the text as stored (PostgreSQL refuses to send bytes that are not UTF-8 as UTF-8;
+        statecast then leaves out the rows that hold them, docs/postgres.md "The mapping")."""
+        settings = {"client_encoding": "SQL_ASCII"} if raw and self._raw_text else {}
         kwargs: dict[str, Any] = {
-            "options": session_options() + extra,
+            "options": session_options(**settings) + extra,
             "application_name": APPLICATION_NAME,
             "connect_timeout": CONNECT_TIMEOUT,
             "keepalives": 1,
@@ -329,6 +342,8 @@ class PostgresSource:
         try:
             with conn.cursor() as cur:
                 version = self._check_server(cur)
+                cur.execute("SHOW server_encoding")
+                self._raw_text = _one(cur)[0] == "SQL_ASCII"
                 self.tables = self._discover(cur, version)
                 self._by_oid = {t.oid: t for t in self.tables}
                 repl = self._connect_checked(replication=True)
@@ -355,6 +370,10 @@ class PostgresSource:
             "publication": s.publication,
             "tables": sorted(t.collection for t in self.tables),
             "numeric_as_number": s.numeric_as_number,
+            # What each table's records were made from: a table dropped and created again
+            # (another relation), a new key or a column of another type needs a reload,
+            # even when it happened while statecast was away (see _changes_from).
+            "relations": {t.collection: _relation_identity(t) for t in self.tables},
         }
         self._position_prefix = json.dumps(self._identity, separators=(",", ":"))[:-1] + ',"lsn":"'
         plan = self._decide(store, slot)
@@ -514,16 +533,43 @@ class PostgresSource:
         log.info("created the publication %r for %d table(s)", s.publication, len(tables))
 
     def _load_base_types(self, cur: psycopg2.extensions.cursor) -> None:
-        cur.execute("SELECT oid, typbasetype FROM pg_type WHERE typtype = 'd'")
-        domains = {int(oid): int(base) for oid, base in cur.fetchall()}
-        resolved: dict[int, int] = {}
-        for oid in domains:
-            base = oid
+        """The types to read a column as: a domain as its base type; an array of enums as
+        ``text[]``, and one of domains as the array of their base type, when it is built
+        in (``quantity[]`` is ``int4[]``); a domain over such an array likewise."""
+        cur.execute(
+            "SELECT t.oid, t.typtype, t.typbasetype, t.typelem FROM pg_type t"
+            " WHERE t.typtype IN ('d', 'e') OR (t.typlen = -1 AND t.typelem <> 0"
+            " AND EXISTS (SELECT FROM pg_type e WHERE e.oid = t.typelem"
+            " AND e.typtype IN ('d', 'e') AND e.typdelim = ','))"
+        )
+        domains: dict[int, int] = {}
+        enums: set[int] = set()
+        arrays: dict[int, int] = {}  # an array of enums or domains -> its element type
+        for oid, typtype, base, element in cur.fetchall():
+            if typtype == "d":
+                domains[int(oid)] = int(base)
+            elif typtype == "e":
+                enums.add(int(oid))
+            else:
+                arrays[int(oid)] = int(element)
+
+        def base_of(oid: int) -> int:
             for _ in range(32):  # a domain over a domain over ...
-                if base not in domains:
+                if oid not in domains:
                     break
-                base = domains[base]
-            resolved[oid] = base
+                oid = domains[oid]
+            return oid
+
+        as_array: dict[int, int] = {}
+        for oid, element in arrays.items():
+            base = base_of(element)
+            builtin = ARRAY_OIDS.get(Oid.TEXT if base in enums else base)
+            if builtin is not None:
+                as_array[oid] = builtin
+        resolved = dict(as_array)
+        for oid in domains:
+            base = base_of(oid)
+            resolved[oid] = as_array.get(base, base)
         self._base_types = resolved
 
     def _base_type(self, oid: int) -> int:
@@ -570,21 +616,30 @@ class PostgresSource:
                 f'primary key: run ALTER TABLE "{schema}"."{name}" REPLICA IDENTITY DEFAULT'
             )
         cur.execute(
-            "SELECT attname, atttypid FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
-            " AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+            "SELECT attname, atttypid, atttypmod FROM pg_attribute WHERE attrelid = %s"
+            " AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
             (oid,),
         )
-        columns = [(str(n), self._base_type(int(t))) for n, t in cur.fetchall()]
+        described = [(str(n), self._base_type(int(t)), int(m)) for n, t, m in cur.fetchall()]
         if attnames is not None:
             allowed = set(attnames)
-            columns = [c for c in columns if c[0] in allowed]
+            described = [c for c in described if c[0] in allowed]
             lacking = [k for k in key if k not in allowed]
             if lacking:
                 raise SourceError(
                     f"the publication's column list for {label} leaves out primary key "
                     f"column(s) {', '.join(lacking)}: add them to it"
                 )
-        table = Table(int(oid), str(schema), str(name), tuple(columns), key, rowfilter)
+        columns = [(n, t) for n, t, _ in described]
+        table = Table(
+            int(oid),
+            str(schema),
+            str(name),
+            tuple(columns),
+            key,
+            rowfilter,
+            tuple(m for _, _, m in described),
+        )
         if not valid_collection(table.collection):
             raise SourceError(
                 f"{label} cannot be a collection: statecast names collections with 1 to 128 "
@@ -658,9 +713,13 @@ class PostgresSource:
         return plan
 
     def _changes_from(self, old: dict[str, Any]) -> str | None:
-        changed = []
+        changed: list[str] = []
         for name, now in self._identity.items():
             before = old.get(name)
+            if name == "relations":  # absent from positions stored by statecast 0.2.0
+                if isinstance(before, dict):
+                    changed.extend(self._tables_changed(before))
+                continue
             if before != now:
                 if name == "tables":
                     changed.append(
@@ -672,6 +731,36 @@ class PostgresSource:
                 else:
                     changed.append(f"{name} {before!r} -> {now!r}")
         return "; ".join(changed) if changed else None
+
+    def _tables_changed(self, before: dict[str, Any]) -> list[str]:
+        """How the followed tables differ from what the stored records were made from:
+        another relation, another key, a column whose values would print otherwise (an
+        added, dropped or renamed column is no reason to reload)."""
+        out: list[str] = []
+        for table in self.tables:
+            was = before.get(table.collection)
+            if not isinstance(was, dict):
+                continue
+            now = _relation_identity(table)
+            if was.get("oid") != now["oid"]:
+                out.append(
+                    f"{table.label} is another table (dropped and created again: relation "
+                    f"{now['oid']}, was {was.get('oid')})"
+                )
+            elif was.get("key") != now["key"]:
+                out.append(f"the primary key of {table.label} changed")
+            else:
+                types = was.get("types")
+                types = types if isinstance(types, dict) else {}
+                for column, (oid, mod) in now["types"].items():
+                    old_type = types.get(column)
+                    if (
+                        isinstance(old_type, list)
+                        and len(old_type) == 2
+                        and not same_form((old_type[0], old_type[1]), (oid, mod))
+                    ):
+                        out.append(f"the type of {table.label}'s column {column} changed")
+        return out
 
     # -- the thread ----------------------------------------------------------------------------
 
@@ -803,6 +892,8 @@ class PostgresSource:
             item = inflight.popleft()
             self._inflight_rows -= item.rows
             exc = item.future.exception()
+            if isinstance(exc, SourceFailed):  # the applier could not resolve the batch
+                raise SourceFailed(f"{exc}: {self._reload}") from None
             if exc is not None:
                 if not self._store_failed:
                     self._store_failed = True
@@ -841,8 +932,8 @@ class PostgresSource:
 
     def _load(self) -> int:
         s = self.settings
-        conn = self._connect(extra=_EXTRA_OPTIONS)
-        repl = self._connect(replication=True)
+        conn = self._connect(extra=_EXTRA_OPTIONS, raw=True)
+        repl = self._connect(replication=True, raw=True)
         try:
             with conn.cursor() as cur:
                 self._drop_slot(cur)
@@ -1021,7 +1112,7 @@ class PostgresSource:
 
     def _stream(self) -> None:
         s = self.settings
-        repl = self._connect(replication=True)
+        repl = self._connect(replication=True, raw=True)
         try:
             if self._take_over:
                 self._take_over = False
@@ -1135,6 +1226,17 @@ class PostgresSource:
                 # 'Y' (a type), 'O' (an origin), 'M' (a message): nothing to do
             except RowError as exc:
                 self._skip(exc)
+            except pgoutput.EncodingError as exc:
+                if kind not in _ROW_KINDS:
+                    raise SourceFailed(f"cannot read the replication stream: {exc}") from None
+                # Text that is not UTF-8 (a SQL_ASCII database): the row is left out, as
+                # in the initial load (docs/postgres.md, "The mapping").
+                (rel,) = _U32.unpack_from(payload, 1)
+                shape = shapes.get(rel, _UNDESCRIBED)
+                if shape is _UNDESCRIBED:
+                    raise _undescribed(rel) from None
+                if shape is not None:
+                    self._skip(RowError(f"{shape.label}: a text value is not UTF-8 ({exc})"))
             except pgoutput.PgOutputError as exc:
                 raise SourceFailed(f"cannot read the replication stream: {exc}") from None
 
@@ -1173,11 +1275,29 @@ class PostgresSource:
         ops.append(shape.upsert(new))
         return False
 
+    @property
+    def _reload(self) -> str:
+        """What to do when only a reload is exact."""
+        return (
+            f"drop the slot (SELECT pg_drop_replication_slot('{self.settings.slot}')) and "
+            "restart statecast to reload"
+        )
+
     def _relation(self, relation: pgoutput.Relation) -> Shape | None:
         # By OID (pgoutput's relation id): a table renamed since the start is still the
         # same collection (the name changes at the next reload).
         table = self._by_oid.get(relation.relation_id)
         if table is None:
+            for followed in self.tables:
+                if (followed.schema, followed.name) == (relation.namespace, relation.name):
+                    # Its records are the old table's, and the rows the new one got before
+                    # it was published were never streamed (docs/postgres.md, "Faults").
+                    raise SourceFailed(
+                        f"{followed.label} is another table now (relation "
+                        f"{relation.relation_id}, was {followed.oid}: dropped and created "
+                        "again, or another table renamed to its name), so the records "
+                        f"held are the old table's: {self._reload}"
+                    )
             log.info(
                 "ignoring the changes of %s.%s: it is not followed (restart statecast to "
                 "follow a table added to the publication)",
@@ -1187,6 +1307,7 @@ class PostgresSource:
             return None
         columns = [(c.name, self._base_type(c.type_oid)) for c in relation.columns]
         self._check_key(table, relation, columns)
+        former = self._track(table, relation)
         try:
             return Shape(
                 table.collection,
@@ -1194,13 +1315,46 @@ class PostgresSource:
                 columns,
                 table.key,
                 numeric_as_number=self.settings.numeric_as_number,
+                former=former,
             )
         except ValueError as exc:
             raise SourceFailed(
-                f"{table.label} no longer has its primary key columns ({exc}): drop the "
-                f"slot (SELECT pg_drop_replication_slot('{self.settings.slot}')) and restart "
-                "statecast to reload"
+                f"{table.label} no longer has its primary key columns ({exc}): {self._reload}"
             ) from None
+
+    def _track(self, table: Table, relation: pgoutput.Relation) -> dict[str, tuple[str, ...]]:
+        """Compare a table's Relation with what was known of it (the last Relation, or the
+        catalog at start): learn renamed columns, and stop on a column type change that
+        the records of rows not changed since would not show. Returns the earlier names
+        of renamed columns (docs/postgres.md, "What each change becomes")."""
+        was = self._described.get(table.oid)
+        if was is None:
+            mods = table.typmods or (-1,) * len(table.columns)
+            was = tuple((n, t, m) for (n, t), m in zip(table.columns, mods, strict=True))
+        now = tuple(
+            (c.name, self._base_type(c.type_oid), c.type_modifier) for c in relation.columns
+        )
+        former = dict(self._former.get(table.oid, {}))
+        if len(was) == len(now) and all(w[1:] == n[1:] for w, n in zip(was, now, strict=True)):
+            # The same types in the same places: a column whose name is new, where one
+            # whose name is gone was, is that column renamed (ALTER TABLE ... RENAME).
+            old_names = {w[0] for w in was}
+            new_names = {n[0] for n in now}
+            for (old, _, _), (new, _, _) in zip(was, now, strict=True):
+                if old != new and new not in old_names and old not in new_names:
+                    former[new] = (old, *former.pop(old, ()))
+        types = {name: (oid, mod) for name, oid, mod in was}
+        for name, oid, mod in now:
+            before = types.get(name)
+            if before is not None and not same_form(before, (oid, mod)):
+                raise SourceFailed(
+                    f"the type of {table.label}'s column {name} changed (from "
+                    f"{_type_name(*before)} to {_type_name(oid, mod)}), and the records "
+                    f"of rows not changed since hold values of the old type: {self._reload}"
+                )
+        self._described[table.oid] = now
+        self._former[table.oid] = former
+        return former
 
     def _check_key(
         self, table: Table, relation: pgoutput.Relation, columns: list[tuple[str, int]]
@@ -1209,10 +1363,7 @@ class PostgresSource:
         what its records are keyed by: a changed primary key or replica identity, or a
         key column of another type. Its records could not be found again by key (old
         ones would stay, deletes would not name them), so only a reload is exact."""
-        reload = (
-            f"drop the slot (SELECT pg_drop_replication_slot('{self.settings.slot}')) and "
-            "restart statecast to reload"
-        )
+        reload = self._reload
         identity = relation.replica_identity
         if identity in ("n", "i"):
             what = "NOTHING" if identity == "n" else "USING INDEX"
@@ -1326,8 +1477,11 @@ class _Loader:
         assert shape is not None
         try:
             change = shape.upsert(copy_fields(data))
-        except (RowError, UnicodeDecodeError) as exc:
-            self.source._skip(RowError(str(exc)))
+        except RowError as exc:
+            self.source._skip(exc)
+            return len(data)
+        except UnicodeDecodeError as exc:  # a SQL_ASCII database
+            self.source._skip(RowError(f"{shape.label}: a text value is not UTF-8 ({exc})"))
             return len(data)
         chunk = self.chunk
         chunk.append(change)
@@ -1340,6 +1494,16 @@ class _Loader:
     def take(self) -> list[PreparedChange]:
         chunk, self.chunk = self.chunk, []
         return chunk
+
+
+def _relation_identity(table: Table) -> dict[str, Any]:
+    """A followed table in the source's identity: its OID, key and column types."""
+    mods = table.typmods or (-1,) * len(table.columns)
+    return {
+        "oid": table.oid,
+        "key": list(table.key),
+        "types": {name: [oid, mod] for (name, oid), mod in zip(table.columns, mods, strict=True)},
+    }
 
 
 def _one(cur: Any) -> tuple[Any, ...]:
@@ -1357,6 +1521,20 @@ def _slot_gone(exc: BaseException) -> str | None:
     if "invalidated" in text or "cannot read from logical replication slot" in text:
         return "lost WAL it still needed (it fell behind by more than max_slot_wal_keep_size)"
     return None
+
+
+_TYPE_NAMES: Final = {
+    value: name.lower() for name, value in vars(Oid).items() if isinstance(value, int)
+}
+
+
+def _type_name(oid: int, modifier: int) -> str:
+    """``int4``, ``numeric (modifier 786438)``, ``type 16385``: for messages."""
+    name = _TYPE_NAMES.get(oid)
+    if name is None:
+        element = _TYPE_NAMES.get(ARRAY_ELEMENT_OIDS.get(oid, 0))
+        name = f"{element}[]" if element is not None else f"type {oid}"
+    return name if modifier == -1 else f"{name} (modifier {modifier})"
 
 
 def _undescribed(relation: int) -> SourceFailed:
