@@ -1150,6 +1150,34 @@ def test_a_table_created_again_while_statecast_is_away_reloads(
     assert said(caplog, "public.orders is another table", "new epoch")
 
 
+def test_a_key_or_type_changed_while_statecast_is_away_reloads(
+    db: Db, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared_store(monkeypatch, MemoryStore(1_000_000))
+    db.execute(ORDERS, "INSERT INTO orders VALUES ('O-1', 'ACC-1', 100)")
+    with serving(db, tables="orders") as server:
+        epoch = server.epoch
+    db.execute("ALTER TABLE orders ALTER qty TYPE int8")  # every value prints the same
+    with serving(db, tables="orders") as server:
+        assert server.epoch == epoch
+    db.execute("ALTER TABLE orders ALTER qty TYPE numeric(10, 1)")
+    with (
+        caplog.at_level(logging.WARNING, "statecast"),
+        serving(db, tables="orders") as server,
+    ):
+        assert server.epoch != epoch
+        assert records(server, "orders")["O-1"]["qty"] == "100.0"
+        epoch = server.epoch
+    db.execute(
+        "ALTER TABLE orders DROP CONSTRAINT orders_pkey",
+        "ALTER TABLE orders ADD PRIMARY KEY (account)",
+    )
+    with serving(db, tables="orders") as server:
+        assert server.epoch != epoch
+        assert set(records(server, "orders")) == {"ACC-1"}
+    assert said(caplog, "the type of the PostgreSQL table public.orders's column qty changed")
+
+
 TOAST_BODY = "".join(hashlib.md5(str(i).encode()).hexdigest() for i in range(400))
 DOCUMENTS = (
     "CREATE TABLE documents (id int PRIMARY KEY, title text NOT NULL, body text NOT NULL, j jsonb)",
