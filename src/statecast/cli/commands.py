@@ -30,6 +30,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from statecast.cli import output
 from statecast.client.connection import (
     DEFAULT_URL,
     Client,
@@ -38,6 +39,7 @@ from statecast.client.connection import (
     parse_address,
     tls_context_for,
 )
+from statecast.client.replica import Progress as SyncProgress
 from statecast.client.replica import Replica, Resynced, Status, split_urls
 from statecast.core.frames import Ack, ChangeFrame, SnapshotBegin, SnapshotEnd, encode
 from statecast.core.protocol import Change
@@ -47,6 +49,7 @@ from statecast.errors import (
     ConnectionClosed,
     ProtocolError,
     StatecastError,
+    Timeout,
 )
 from statecast.loops import new_event_loop
 
@@ -83,12 +86,14 @@ class Target:
     async def open(self) -> AsyncIterator[Client]:
         """A connection to the first node of ``--url`` that answers (several nodes of
         a cluster may be given, comma-separated: docs/cluster.md)."""
-        failure: ConnectionClosed | None = None
+        failure: ConnectionClosed | Timeout | None = None
         for url in split_urls(self.url):
-            client = Client(url, ca_file=self.ca_file, token=self.token)
+            client = Client(
+                url, ca_file=self.ca_file, token=self.token, connect_timeout=CONNECT_TIMEOUT
+            )
             try:
                 await client.connect()
-            except ConnectionClosed as exc:
+            except (ConnectionClosed, Timeout) as exc:  # Timeout: no hello in time
                 failure = exc
                 continue
             try:
@@ -100,17 +105,31 @@ class Target:
         raise failure
 
     def replica(self, **options: Any) -> Replica:
-        return Replica(self.url, ca_file=self.ca_file, token=self.token, **options)
+        return Replica(
+            self.url,
+            ca_file=self.ca_file,
+            token=self.token,
+            connect_timeout=CONNECT_TIMEOUT,
+            **options,
+        )
 
 
 def run_tool(coro: Callable[[], Awaitable[int]]) -> int:
-    """Run a command; connection and server errors become one line and status 1."""
+    """Run a command; connection and server errors become one line and status 1
+    (a reader of the output that went away: quietly, :data:`output.EXIT_PIPE`)."""
     err = Console(stderr=True, soft_wrap=True)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         try:
             return runner.run(coro())  # type: ignore[arg-type]
         except KeyboardInterrupt:
             return 130
+        except output.OutputClosed:
+            output.silence_stdout()
+            return output.EXIT_PIPE
+        except output.OutputError as exc:
+            output.silence_stdout()
+            err.print(f"[red]statecast:[/] {escape(str(exc))}")
+            return 1
         except ConfigError as exc:  # a setting, not the server: a usage error
             err.print(f"[red]statecast:[/] {escape(str(exc))}")
             return 2
@@ -125,8 +144,12 @@ def run_tool(coro: Callable[[], Awaitable[int]]) -> int:
             return 1
 
 
+# How long a command waits for the server's hello (the client library's default).
+CONNECT_TIMEOUT = 10.0
 # How long a command waits for the server's answer, or for the next part of a snapshot,
-# before it says so and gives up (a server that accepts and then says nothing).
+# before it says so and gives up (a server that accepts and then says nothing). A live
+# subscription (watch) has no such deadline once synced: a quiet server sends nothing,
+# or heartbeats only (§4.3), and the replica rides out a connection that ends.
 ANSWER_TIMEOUT = 30.0
 
 
@@ -153,8 +176,9 @@ async def _answer_within(target: Target) -> AsyncIterator[asyncio.Timeout]:
 
 
 # -- sync ---------------------------------------------------------------------------
-async def sync(target: Target, collections: list[str] | None, output: IO[bytes], label: str) -> int:
-    """Write the snapshot as NDJSON ``record`` lines; progress on a terminal."""
+async def sync(target: Target, collections: list[str] | None, sink: IO[bytes], label: str) -> int:
+    """Write the snapshot as NDJSON ``record`` lines to ``sink`` (``label`` names it);
+    progress on a terminal."""
     err = Console(stderr=True, soft_wrap=True)
     show = err.is_terminal
     t0 = time.monotonic()
@@ -187,7 +211,8 @@ async def sync(target: Target, collections: list[str] | None, output: IO[bytes],
                         records += 1
                         if len(buf) >= 1024:
                             quiet.reschedule(loop.time() + ANSWER_TIMEOUT)  # it makes progress
-                            output.write(b"\n".join(buf) + b"\n")
+                            with output.writing(label):
+                                sink.write(b"\n".join(buf) + b"\n")
                             buf = []
                             got = client.bytes_received - start_bytes
                             elapsed = max(time.monotonic() - t0, 1e-6)
@@ -207,8 +232,10 @@ async def sync(target: Target, collections: list[str] | None, output: IO[bytes],
                     elif isinstance(frame, SnapshotEnd):
                         end = frame
                 if buf:
-                    output.write(b"\n".join(buf) + b"\n")
-        output.flush()
+                    with output.writing(label):
+                        sink.write(b"\n".join(buf) + b"\n")
+        with output.writing(label):
+            sink.flush()
         got = client.bytes_received - start_bytes
     elapsed = time.monotonic() - t0
     assert end is not None
@@ -232,28 +259,32 @@ _STATUS_STYLE = {
 }
 
 
-async def watch(target: Target, collections: list[str] | None, as_json: bool) -> int:
-    """Sync, then show every change; reconnect and resume by itself, saying so."""
-    out = Console(highlight=False, soft_wrap=False)
-    err = Console(stderr=True, highlight=False)
-    as_json = as_json or not out.is_terminal
-    stdout = sys.stdout.buffer
-    done = asyncio.Event()  # set when standard output is gone (``watch | head``)
+class _Shown:
+    """Shows each change on standard output (NDJSON, or one coloured line on a
+    terminal); the first write that fails sets :attr:`done`, keeping its error."""
 
-    def on_status(status: Status, detail: str) -> None:
-        style = _STATUS_STYLE.get(status, "")
-        err.print(f"[{style}]● {status}[/] {escape(detail)}")
+    def __init__(self, as_json: bool) -> None:
+        self.out = Console(highlight=False, soft_wrap=False)
+        self.as_json = as_json or not self.out.is_terminal
+        self.done = asyncio.Event()
+        self.error: StatecastError | None = None
 
-    def on_change(change: ChangeFrame) -> None:
-        if done.is_set():
+    def __call__(self, change: ChangeFrame) -> None:
+        if self.done.is_set():
             return
-        if as_json:
-            try:
-                stdout.write(encode(change))  # §4.2, as the server sent it
-                stdout.flush()
-            except BrokenPipeError:
-                done.set()
+        try:
+            with output.writing():
+                self._show(change)
+        except StatecastError as exc:  # never out of a callback: the replica logs those
+            self.error = exc
+            self.done.set()
+
+    def _show(self, change: ChangeFrame) -> None:
+        if self.as_json:
+            sys.stdout.buffer.write(encode(change))  # §4.2, as the server sent it
+            sys.stdout.buffer.flush()
             return
+        out = self.out
         stamp = time.strftime("%H:%M:%S")
         head = f"[dim]{stamp}[/] [dim]#{change.seq}[/] [cyan]{escape(change.collection)}[/] "
         head += f"[bold]{escape(change.key)}[/] "
@@ -266,32 +297,81 @@ async def watch(target: Target, collections: list[str] | None, as_json: bool) ->
             body = body[: room - 1] + "…"
         out.print(head + escape(body))
 
+
+class _FirstSync:
+    """The first sync must make progress (a part of the snapshot) at least every
+    ANSWER_TIMEOUT, through any reconnection; once live, there is no deadline."""
+
+    def __init__(self) -> None:
+        self.deadline: asyncio.Timeout | None = None
+        self.why = ""  # why the replica last had to reconnect
+
+    def on_progress(self, progress: SyncProgress) -> None:
+        if self.deadline is not None:
+            self.deadline.reschedule(asyncio.get_running_loop().time() + ANSWER_TIMEOUT)
+
+    def on_status(self, status: Status, detail: str) -> None:
+        if status == "reconnecting":
+            self.why = detail.rsplit("; reconnecting in", 1)[0]
+
+    async def wait(self, replica: Replica, target: Target) -> None:
+        try:
+            async with asyncio.timeout(ANSWER_TIMEOUT) as self.deadline:
+                await replica.wait_synced()
+        except TimeoutError:
+            if self.why:
+                raise StatecastError(
+                    f"cannot sync with {replica.url} within {ANSWER_TIMEOUT:g} s: {self.why}"
+                ) from None
+            raise _silent(target) from None
+        finally:
+            self.deadline = None
+
+
+async def watch(target: Target, collections: list[str] | None, as_json: bool) -> int:
+    """Sync, then show every change; reconnect and resume by itself, saying so."""
+    err = Console(stderr=True, highlight=False)
+    shown = _Shown(as_json)
+    first = _FirstSync()
+
+    def on_status(status: Status, detail: str) -> None:
+        first.on_status(status, detail)
+        if shown.done.is_set():
+            return  # the output failed: that is the one line to say
+        style = _STATUS_STYLE.get(status, "")
+        err.print(f"[{style}]● {status}[/] {escape(detail)}")
+
     def on_resync(event: Resynced) -> None:
         err.print(f"[yellow]● resynced[/] at seq {event.seq} (epoch {event.epoch})")
 
     replica = target.replica(
         collections=collections,
-        on_change=on_change,
+        on_change=shown,
         on_status=on_status,
+        on_progress=first.on_progress,
         on_resync=on_resync,
     )
-    # Fail fast (exit 1) if the server cannot be reached at all at first, or refuses
-    # us (a ping needs a valid token on a server with auth); later failures are the
-    # replica's to ride out, and its status lines say what happens.
-    async with target.open() as probe:
+    # Fail fast (exit 1) if the server cannot be reached at all at first, does not
+    # answer, or refuses us (a ping needs a valid token on a server with auth); later
+    # failures are the replica's to ride out, and its status lines say what happens.
+    async with target.open() as probe, _answer_within(target):
         await probe.ping()
-    logging.getLogger("statecast.client").setLevel(logging.ERROR)  # said by on_status
-    async with replica:
-        await replica.wait_synced()
-        if not as_json:
-            counts = ", ".join(
-                f"{name} {len(replica[name]):,}" for name in replica.collection_names()
-            )
-            err.print(f"[green]● live[/] at seq {replica.seq}: {counts or 'no records'}")
-        await done.wait()  # until Ctrl-C, or until nobody reads our output
-    with contextlib.suppress(OSError):
-        sys.stdout.close()
-    return 0
+    client_log = logging.getLogger("statecast.client")
+    level = client_log.level
+    client_log.setLevel(logging.ERROR)  # said by on_status
+    try:
+        async with replica:
+            await first.wait(replica, target)
+            if not shown.as_json:
+                counts = ", ".join(
+                    f"{name} {len(replica[name]):,}" for name in replica.collection_names()
+                )
+                err.print(f"[green]● live[/] at seq {replica.seq}: {counts or 'no records'}")
+            await shown.done.wait()  # until Ctrl-C, or until the output fails
+    finally:
+        client_log.setLevel(level)
+    assert shown.error is not None
+    raise shown.error
 
 
 # -- publish ------------------------------------------------------------------------
@@ -302,7 +382,13 @@ def _publisher(target: Target) -> Client:
     """A client of every node of ``--url``: a publish that loses its connection
     before the ack is sent again, with the same idempotency key, to the next node
     that answers (docs/client.md)."""
-    return Client(target.url, ca_file=target.ca_file, token=target.token)
+    return Client(
+        target.url,
+        ca_file=target.ca_file,
+        token=target.token,
+        connect_timeout=CONNECT_TIMEOUT,
+        retry_timeout=ANSWER_TIMEOUT,
+    )
 
 
 def _conflict(exc: Conflict, where: str = "") -> int:
@@ -322,7 +408,7 @@ async def publish_one(target: Target, change: Change, idempotency_key: str | Non
             ack = await client.publish_ack([change], idempotency_key=idempotency_key or new_key)
         except Conflict as exc:
             return _conflict(exc)
-    print(ack.seq)
+    output.line(str(ack.seq))
     if ack.duplicate:
         Console(stderr=True, soft_wrap=True, highlight=False).print(
             f"duplicate: already applied at seq {ack.seq} under idempotency key "
@@ -374,7 +460,7 @@ async def publish_many(
             for _, task in inflight:  # after an error: the rest is not waited for
                 task.cancel()
             await asyncio.gather(*(task for _, task in inflight), return_exceptions=True)
-    print(last)
+    output.line(str(last))
     dup = f" ({duplicates} of {batches} batches were duplicates)" if duplicates else ""
     err.print(f"published {total:,} changes, last seq {last}{dup}")
     return 0
@@ -431,7 +517,7 @@ async def stats(target: Target, interval: float, as_json: bool) -> int:
     }
     data = {k: v for k, v in msgspec.structs.asdict(second).items() if k != "id"} | rates
     if as_json or not sys.stdout.isatty():
-        sys.stdout.buffer.write(_encode(data) + b"\n")
+        output.line(_encode(data).decode())
         return 0
     table = Table(title=f"statecast at {target.url}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -449,5 +535,6 @@ async def stats(target: Target, interval: float, as_json: bool) -> int:
             else (f"{value:,}" if isinstance(value, int) else str(value))
         )
         table.add_row(key.replace("_", " "), shown)
-    Console().print(table)
+    with output.writing():
+        Console().print(table)
     return 0

@@ -19,6 +19,7 @@ import msgspec
 from statecast import tokens
 from statecast._version import __version__
 from statecast.cli import commands as tools
+from statecast.cli import output
 from statecast.cli.demo import TradingDesk
 from statecast.client.connection import DEFAULT_URL
 from statecast.config import Config
@@ -109,7 +110,47 @@ def option(flag: str, *decls: str, **kwargs: Any) -> Callable[[FC], FC]:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Command(click.Command):
+    """A command whose help, printed while its arguments are read, may fail to be
+    written: that is one line (cli/output.py), not a traceback."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with output.writing():  # --help and --version print here, and nothing else does
+            return super().make_context(info_name, args, parent, **extra)
+
+
+class _Statecast(_Command, click.Group):
+    """The ``statecast`` group: standard output is flushed before the exit, and
+    output that cannot be written (help, a token, a seq) is one line, not a traceback
+    (cli/output.py)."""
+
+    command_class = _Command
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        try:
+            super().main(*args, **kwargs)
+            code: int = 0  # not reached: in standalone mode, click exits
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except output.OutputClosed:
+            output.silence_stdout()
+            code = output.EXIT_PIPE
+        except output.OutputError as exc:
+            output.silence_stdout()
+            output.report(exc)
+            code = 1
+        sys.exit(output.finish_stdout(code))
+
+
+@click.group(cls=_Statecast, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="statecast")
 def main() -> None:
     """statecast: a state-sync server. A consistent snapshot, then every change."""
@@ -493,26 +534,36 @@ def _collections(text: str | None) -> list[str] | None:
 @click.option(
     "--output",
     "-o",
+    "path",
     type=click.Path(dir_okay=False, allow_dash=True),
     default="-",
     help="File to write the NDJSON snapshot to (default: standard output).",
 )
 def sync_command(
-    url: str, ca_file: str | None, token: str | None, collections: str | None, output: str
+    url: str, ca_file: str | None, token: str | None, collections: str | None, path: str
 ) -> None:
     """Write the server's state as NDJSON record lines."""
     target = _target(url, ca_file, token)
-    if output == "-":
+    if path == "-":
         code = tools.run_tool(
-            lambda: tools.sync(target, _collections(collections), sys.stdout.buffer, "stdout")
+            lambda: tools.sync(
+                target, _collections(collections), sys.stdout.buffer, "standard output"
+            )
         )
     else:
         try:
-            f = open(output, "wb")  # noqa: SIM115 (closed below, after the sync)
+            f = open(path, "wb")  # noqa: SIM115 (closed below, after the sync)
         except OSError as exc:  # a missing directory, a path through a file, ""
-            raise click.FileError(output, exc.strerror or str(exc)) from None
-        with f:
-            code = tools.run_tool(lambda: tools.sync(target, _collections(collections), f, output))
+            raise click.FileError(path, exc.strerror or str(exc)) from None
+        code = 1
+        try:
+            code = tools.run_tool(lambda: tools.sync(target, _collections(collections), f, path))
+        finally:
+            try:
+                output.close(f, path)  # what is still buffered may fail to go too
+            except output.OutputError:
+                if code == 0:
+                    raise
     sys.exit(code)
 
 
@@ -658,7 +709,7 @@ class _OneLineUsageError(click.UsageError):
         click.echo(f"statecast token: {message} (see statecast token --help)", err=True)
 
 
-class _OneLineCommand(click.Command):
+class _OneLineCommand(_Command):
     """Every usage error, click's own included, is one line (exit status 2)."""
 
     def make_context(
@@ -766,7 +817,7 @@ def token_command(
         )
     except ConfigError as exc:
         raise _OneLineUsageError(str(exc)) from None
-    click.echo(token)
+    output.line(token)
     if sys.stdout.isatty():
         exp = grant.exp or 0.0
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(exp))
