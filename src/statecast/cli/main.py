@@ -19,7 +19,7 @@ import msgspec
 from statecast import tokens
 from statecast._version import __version__
 from statecast.cli import commands as tools
-from statecast.cli import output
+from statecast.cli import output, pem
 from statecast.cli.demo import TradingDesk
 from statecast.client.connection import DEFAULT_URL
 from statecast.config import Config
@@ -424,6 +424,13 @@ def serve(**options: Any) -> None:
         config = Config(**options)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    for flag, path, problem_with in (
+        ("--tls-cert", config.tls_cert, pem.problem_with_cert),
+        ("--tls-key", config.tls_key, pem.problem_with_key),
+    ):
+        problem = None if path is None else problem_with(path)
+        if problem is not None:
+            raise click.BadParameter(problem, param_hint=f"'{flag}'")
     sys.exit(run(config))
 
 
