@@ -118,6 +118,11 @@ DEEP = "[" * 2000 + "]" * 2000
         (["serve", "--auth-secret", "\udcff" + "s" * 40], "is not valid text"),
         (["stats", "--token", "t\udcff", "--url", "tcp://127.0.0.1:9"], "--token is not valid"),
         (["sync", "--collections", "a\udcff", "--url", "tcp://127.0.0.1:9"], "--collections is"),
+        (["publish", "c", "k", '"\udcff"'], "the JSON argument: not UTF-8 text"),
+        (
+            ["publish", "c", "k", '{"v":"\\ud800"}'],
+            "the JSON argument: \\ud800 is a lone surrogate escape: not valid Unicode text",
+        ),
     ],
     ids=[
         "size-inf",
@@ -133,6 +138,8 @@ DEEP = "[" * 2000 + "]" * 2000
         "secret-not-utf8",
         "token-not-utf8",
         "collections-not-utf8",
+        "publish-json-not-utf8",
+        "publish-json-lone-surrogate",
     ],
 )
 def test_odd_numbers_and_values_are_one_line_errors(
@@ -158,9 +165,18 @@ def test_odd_numbers_and_values_are_one_line_errors(
 def test_ndjson_that_is_not_utf8_or_too_deep_is_refused_by_line(
     proc: ServeProcess, tmp_path: Path
 ) -> None:
+    lone = "is a lone surrogate escape: not valid Unicode text"
+    ok = b'{"collection":"c","key":"k","value":"\\ud83d\\ude00"}\n'  # a pair: text
     for line, said in (
         (b'{"collection":"c","key":"k","value":"\xff"}\n', "line 1: not UTF-8 text"),
         (b'{"collection":"c","key":"k","value":' + DEEP.encode() + b"}\n", "line 1: nested"),
+        # Found by an adversarial run: "not a JSON object: Input data was truncated".
+        (b'{"collection":"c","key":"k","value":"\\ud800"}\n', f"line 1: \\ud800 {lone}"),
+        (ok + b'{"collection":"c","key":"\\udc00x","value":1}\n', f"line 2: \\udc00 {lone}"),
+        (
+            ok * 2 + b'{"collection":"c","key":"k","value":{"\\ud800\\u0041":1}}\n',
+            f"line 3: \\ud800 {lone}",
+        ),
     ):
         r = subprocess.run(
             [*CMD, "publish", "--ndjson", "--url", f"tcp://127.0.0.1:{proc.port}"],
@@ -174,6 +190,20 @@ def test_ndjson_that_is_not_utf8_or_too_deep_is_refused_by_line(
         assert r.returncode != 0, err
         assert "Traceback" not in err, err
         assert said in err, err
+        assert err.count("\n") == 1, err
+
+
+def test_lone_surrogate_escapes_are_found() -> None:
+    from statecast.cli.jsoninput import lone_surrogate  # noqa: PLC0415
+
+    assert lone_surrogate(rb'"\ud800"') == "\\ud800"
+    assert lone_surrogate(rb'"\uDBFFx"') == "\\uDBFF"
+    assert lone_surrogate(rb'"\ud800\u0041"') == "\\ud800"
+    assert lone_surrogate(rb'"\ud800\ud800\udc00"') == "\\ud800"
+    assert lone_surrogate(rb'"a\udc00"') == "\\udc00"
+    assert lone_surrogate(rb'"\ud800" "\udc00"') == "\\ud800"  # not adjacent: two halves
+    assert lone_surrogate(rb'"\ud83d\ude00 \u00e9 \n"') is None  # a pair, and others
+    assert lone_surrogate(rb'"\\ud800"') is None  # a backslash, then text
 
 
 @pytest.mark.parametrize("path", ["/nonexistent/dir/f", "/etc/passwd/x", ""])

@@ -30,7 +30,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from statecast.cli import output
+from statecast.cli import jsoninput, output
 from statecast.client.connection import (
     DEFAULT_URL,
     Client,
@@ -482,13 +482,9 @@ async def _read_batches(
         if not raw.strip():
             continue
         try:
-            changes.append(decoder.decode(raw))
-        except msgspec.MsgspecError as exc:
-            raise StatecastError(f"line {n}: not a JSON object: {exc}") from None
-        except RecursionError:
-            raise StatecastError(f"line {n}: nested too deeply (at most 64 levels)") from None
-        except UnicodeDecodeError:
-            raise StatecastError(f"line {n}: not UTF-8 text") from None
+            changes.append(jsoninput.decode(raw, decoder, "a JSON object"))
+        except jsoninput.BadJSON as exc:
+            raise StatecastError(f"line {n}: {exc}") from None
         if len(changes) >= batch:
             send(changes)
             total += len(changes)

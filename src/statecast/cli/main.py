@@ -19,7 +19,7 @@ import msgspec
 from statecast import tokens
 from statecast._version import __version__
 from statecast.cli import commands as tools
-from statecast.cli import output, pem
+from statecast.cli import jsoninput, output, pem
 from statecast.cli.demo import TradingDesk
 from statecast.client.connection import DEFAULT_URL
 from statecast.config import Config
@@ -530,6 +530,9 @@ def _target(url: str, ca_file: str | None, token: str | None) -> tools.Target:
         raise click.UsageError(str(exc)) from None
 
 
+_any_json = msgspec.json.Decoder()
+
+
 def _collections(text: str | None) -> list[str] | None:
     _text(text, "--collections")
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
@@ -680,11 +683,9 @@ def publish_command(
         if len(args) != 3:
             raise click.UsageError("usage: statecast publish COLLECTION KEY JSON")
         try:
-            value = msgspec.json.decode(args[2])
-        except msgspec.DecodeError as exc:
-            raise click.UsageError(f"JSON is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise click.UsageError("JSON is nested too deeply (at most 64 levels)") from None
+            value = jsoninput.decode(args[2], _any_json, "valid JSON")
+        except jsoninput.BadJSON as exc:
+            raise click.UsageError(f"the JSON argument: {exc}") from None
         change = Change(args[0], args[1], value, if_seq=if_seq)
     sys.exit(tools.run_tool(lambda: tools.publish_one(target, change, idempotency_key)))
 
