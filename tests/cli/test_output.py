@@ -135,3 +135,37 @@ def test_watch_into_a_pipe_nobody_reads_ends_quietly(server: Server) -> None:
     finally:
         watch.kill()
     assert (watch.returncode, err) == (141, b"")
+
+
+@pytest.mark.parametrize(
+    ("args", "closed", "said"),
+    [
+        (["sync"], ">&-", "statecast: cannot write standard output: Bad file descriptor\n"),
+        (
+            ["publish", "--ndjson"],
+            "<&-",
+            "statecast: cannot read standard input: Bad file descriptor\n",
+        ),
+        (["stats", "--json", "--interval", "0.05"], "2>&-", None),
+    ],
+    ids=["stdout", "stdin", "stderr"],
+)
+def test_a_closed_standard_stream_is_not_a_crash(
+    server: Server, args: list[str], closed: str, said: str | None
+) -> None:
+    """Found by an adversarial run: with a standard stream closed, the first socket
+    took its number, and uvloop aborted the process when closing it (exit 134)."""
+    server.publish([Change("c", "k", 0)])
+    r = subprocess.run(
+        ["sh", "-c", f'exec "$@" {closed}', "sh", *CMD, *args],
+        capture_output=True,
+        timeout=TIMEOUT * 3,
+        env=env_for(server),
+        check=False,
+    )
+    err = r.stderr.decode("utf-8", "replace")
+    if said is None:  # nobody to tell: it just works
+        assert r.returncode == 0, err
+        assert b'"seq":1' in r.stdout
+    else:
+        assert (r.returncode, err) == (1, said)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -466,6 +466,14 @@ async def publish_many(
     return 0
 
 
+def _read(lines: IO[bytes]) -> Iterator[bytes]:
+    """The lines of standard input; a failure to read it is one line."""
+    try:
+        yield from lines
+    except OSError as exc:  # closed (EBADF), EIO, ...
+        raise StatecastError(f"cannot read standard input: {exc.strerror or exc}") from None
+
+
 async def _read_batches(
     lines: IO[bytes],
     batch: int,
@@ -478,7 +486,7 @@ async def _read_batches(
     decoder = msgspec.json.Decoder(dict[str, Any])
     total = 0
     changes: list[dict[str, Any]] = []
-    for n, raw in enumerate(lines, 1):
+    for n, raw in enumerate(_read(lines), 1):
         if not raw.strip():
             continue
         try:

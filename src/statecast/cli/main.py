@@ -135,6 +135,7 @@ class _Statecast(_Command, click.Group):
     def main(self, *args: Any, **kwargs: Any) -> Any:
         if not kwargs.get("standalone_mode", True):
             return super().main(*args, **kwargs)
+        output.hold_closed_std_fds()
         try:
             super().main(*args, **kwargs)
             code: int = 0  # not reached: in standalone mode, click exits

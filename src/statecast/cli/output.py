@@ -29,6 +29,7 @@ __all__ = [
     "OutputError",
     "close",
     "finish_stdout",
+    "hold_closed_std_fds",
     "line",
     "silence_stdout",
     "writing",
@@ -105,3 +106,27 @@ def finish_stdout(code: int) -> int:
 def report(exc: StatecastError) -> None:
     with contextlib.suppress(OSError, ValueError):
         print(f"statecast: {exc}", file=sys.stderr, flush=True)
+
+
+def hold_closed_std_fds() -> None:
+    """A standard stream the caller closed (``statecast sync >&-``) leaves its number
+    to the next socket, and uvloop aborts the process when it closes such a socket
+    (libuv asserts ``fd > 2``). So each closed one is held by ``/dev/null``, opened
+    the other way round, so that using it fails as a closed one does (reading
+    standard input, writing standard output: ``Bad file descriptor``); standard
+    error discards (nobody is there to tell)."""
+    for fd, flags, name, mode in (
+        (0, os.O_WRONLY, "stdin", "r"),
+        (1, os.O_RDONLY, "stdout", "w"),
+        (2, os.O_WRONLY, "stderr", "w"),
+    ):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        held = os.open(os.devnull, flags)
+        if held != fd:
+            os.dup2(held, fd)
+            os.close(held)
+        setattr(sys, name, open(fd, mode, encoding="utf-8", closefd=False))  # noqa: SIM115
