@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -19,7 +20,7 @@ from typing import IO, Any
 
 import msgspec
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as markup_escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -41,7 +42,7 @@ from statecast.client.connection import (
 )
 from statecast.client.replica import Progress as SyncProgress
 from statecast.client.replica import Replica, Resynced, Status, split_urls
-from statecast.core.frames import Ack, ChangeFrame, SnapshotBegin, SnapshotEnd, encode
+from statecast.core.frames import Ack, Bye, ChangeFrame, SnapshotBegin, SnapshotEnd, encode
 from statecast.core.protocol import Change
 from statecast.errors import (
     ConfigError,
@@ -65,6 +66,16 @@ __all__ = [
 ]
 
 _encode = msgspec.json.encode
+
+# C0 and C1 control characters: in a server's message, a key or an epoch, they would
+# reach the terminal as escape sequences (clear the screen, rewrite what it shows).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape(text: str) -> str:
+    """Text from elsewhere (the server, the command line) for a console: rich markup
+    escaped, and control characters shown as ``\\x1b``, not sent."""
+    return markup_escape(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +148,7 @@ def run_tool(coro: Callable[[], Awaitable[int]]) -> int:
             err.print(f"[red]statecast:[/] {escape(str(exc))}")
             return 1
         except ProtocolError as exc:
-            err.print(f"[red]statecast:[/] {exc.code}: {escape(exc.message)}")
+            err.print(f"[red]statecast:[/] {escape(exc.code)}: {escape(exc.message)}")
             return 1
         except StatecastError as exc:
             err.print(f"[red]statecast:[/] {escape(str(exc))}")
@@ -231,6 +242,13 @@ async def sync(target: Target, collections: list[str] | None, sink: IO[bytes], l
                         )
                     elif isinstance(frame, SnapshotEnd):
                         end = frame
+                    elif isinstance(frame, Bye):  # §8: it shuts down (the stream ends)
+                        with output.writing(label):
+                            sink.write(b"".join(line + b"\n" for line in buf))
+                        raise StatecastError(
+                            f"{target.url} said bye ({frame.reason}) before the end of the "
+                            f"snapshot: it is incomplete ({records:,} records written)"
+                        )
                 if buf:
                     with output.writing(label):
                         sink.write(b"\n".join(buf) + b"\n")
@@ -238,12 +256,12 @@ async def sync(target: Target, collections: list[str] | None, sink: IO[bytes], l
             sink.flush()
         got = client.bytes_received - start_bytes
     elapsed = time.monotonic() - t0
-    assert end is not None
-    assert begin is not None
+    if begin is None or end is None:  # a server that does not speak §3.1
+        raise StatecastError(f"{target.url} sent a snapshot_end without a snapshot_begin")
+    rate = got / max(elapsed, 1e-6) / 1e6
     err.print(
         f"synced [bold]{records:,}[/] records ({_mb(got)}) at seq {end.seq} "
-        f"(epoch {begin.epoch}) in {elapsed:.2f}s, {got / max(elapsed, 1e-6) / 1e6:,.0f} MB/s"
-        f" -> {escape(label)}",
+        f"(epoch {escape(begin.epoch)}) in {elapsed:.2f}s, {rate:,.0f} MB/s -> {escape(label)}",
         highlight=False,
     )
     return 0
@@ -342,7 +360,7 @@ async def watch(target: Target, collections: list[str] | None, as_json: bool) ->
         err.print(f"[{style}]● {status}[/] {escape(detail)}")
 
     def on_resync(event: Resynced) -> None:
-        err.print(f"[yellow]● resynced[/] at seq {event.seq} (epoch {event.epoch})")
+        err.print(f"[yellow]● resynced[/] at seq {event.seq} (epoch {escape(event.epoch)})")
 
     replica = target.replica(
         collections=collections,
@@ -364,7 +382,7 @@ async def watch(target: Target, collections: list[str] | None, as_json: bool) ->
             await first.wait(replica, target)
             if not shown.as_json:
                 counts = ", ".join(
-                    f"{name} {len(replica[name]):,}" for name in replica.collection_names()
+                    f"{escape(name)} {len(replica[name]):,}" for name in replica.collection_names()
                 )
                 err.print(f"[green]● live[/] at seq {replica.seq}: {counts or 'no records'}")
             await shown.done.wait()  # until Ctrl-C, or until the output fails
@@ -523,7 +541,8 @@ async def stats(target: Target, interval: float, as_json: bool) -> int:
     if as_json or not sys.stdout.isatty():
         output.line(_encode(data).decode())
         return 0
-    table = Table(title=f"statecast at {target.url}", show_header=False, title_justify="left")
+    title = f"statecast at {escape(target.url)}"
+    table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     rows: list[tuple[str, object]] = []
@@ -538,7 +557,7 @@ async def stats(target: Target, interval: float, as_json: bool) -> int:
             if isinstance(value, float)
             else (f"{value:,}" if isinstance(value, int) else str(value))
         )
-        table.add_row(key.replace("_", " "), shown)
+        table.add_row(escape(key.replace("_", " ")), escape(shown))
     with output.writing():
         Console().print(table)
     return 0
