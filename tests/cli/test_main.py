@@ -123,6 +123,8 @@ DEEP = "[" * 2000 + "]" * 2000
             ["publish", "c", "k", '{"v":"\\ud800"}'],
             "the JSON argument: \\ud800 is a lone surrogate escape: not valid Unicode text",
         ),
+        (["publish", "c", "k", "-5"], "to publish a negative number, put -- before"),
+        (["publish", "c", "k", ""], "the JSON argument: empty: no JSON value"),
     ],
     ids=[
         "size-inf",
@@ -140,6 +142,8 @@ DEEP = "[" * 2000 + "]" * 2000
         "collections-not-utf8",
         "publish-json-not-utf8",
         "publish-json-lone-surrogate",
+        "publish-negative-number",
+        "publish-empty-json",
     ],
 )
 def test_odd_numbers_and_values_are_one_line_errors(
@@ -177,6 +181,7 @@ def test_ndjson_that_is_not_utf8_or_too_deep_is_refused_by_line(
             ok * 2 + b'{"collection":"c","key":"k","value":{"\\ud800\\u0041":1}}\n',
             f"line 3: \\ud800 {lone}",
         ),
+        (b'{"collection":"c","key":"k","value":1e400}\n', "line 1: Number out of range"),
     ):
         r = subprocess.run(
             [*CMD, "publish", "--ndjson", "--url", f"tcp://127.0.0.1:{proc.port}"],

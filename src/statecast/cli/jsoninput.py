@@ -43,13 +43,18 @@ def lone_surrogate(raw: bytes) -> str | None:
 
 
 def decode(raw: bytes | str, decoder: msgspec.json.Decoder[Any], what: str) -> Any:
-    """``raw`` decoded; :class:`BadJSON` if it is not ``what`` (``"valid JSON"``,
-    ``"a JSON object"``), is nested too deeply, is not UTF-8, or holds a lone
+    """``raw`` decoded; :class:`BadJSON` if it is empty or not ``what`` (``"valid
+    JSON"``, ``"a JSON object"``), is nested too deeply, is not UTF-8, or holds a lone
     surrogate escape."""
     try:
         data = raw if isinstance(raw, bytes) else raw.encode()
+    except UnicodeEncodeError:  # an argument's bytes that are not UTF-8 (surrogateescape)
+        raise BadJSON("not UTF-8 text") from None
+    if not data.strip():
+        raise BadJSON("empty: no JSON value")
+    try:
         return decoder.decode(data)
-    except (UnicodeDecodeError, UnicodeEncodeError):  # an argument's surrogateescape
+    except UnicodeDecodeError:
         raise BadJSON("not UTF-8 text") from None
     except RecursionError:
         raise BadJSON("nested too deeply (at most 64 levels)") from None
@@ -57,4 +62,8 @@ def decode(raw: bytes | str, decoder: msgspec.json.Decoder[Any], what: str) -> A
         escape = lone_surrogate(data)
         if escape is not None:
             raise BadJSON(f"{escape} is a lone surrogate escape: not valid Unicode text") from None
-        raise BadJSON(f"not {what}: {exc}") from None
+        if isinstance(exc, msgspec.ValidationError) and not str(exc).startswith("Expected"):
+            raise BadJSON(str(exc)) from None  # "Number out of range - at `$.value`"
+        if isinstance(exc, msgspec.ValidationError):
+            raise BadJSON(f"not {what}: {exc}") from None  # "Expected `object`, got `null`"
+        raise BadJSON(f"not valid JSON: {exc}") from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import signal
 import sys
 import time
@@ -592,7 +593,33 @@ def watch_command(
     sys.exit(tools.run_tool(lambda: tools.watch(target, _collections(collections), as_json)))
 
 
-@main.command("publish")
+class _PublishCommand(_Command):
+    """``publish c k -5`` reads ``-5`` as an option: the error says what to do."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.NoSuchOption as exc:
+            if not _NEGATIVE.match(exc.option_name):
+                raise
+            raise click.UsageError(
+                f"{exc.option_name} is read as an option: to publish a negative number, "
+                f"put -- before the arguments (statecast publish -- COLLECTION KEY "
+                f"{exc.option_name})",
+                exc.ctx,
+            ) from None
+
+
+_NEGATIVE = re.compile(r"-\.?\d")
+
+
+@main.command("publish", cls=_PublishCommand)
 @client_options
 @click.option("--delete", "delete", is_flag=True, help="Delete COLLECTION KEY.")
 @click.option(
