@@ -98,7 +98,7 @@ class Config:
 
     # Timeouts
     heartbeat: float | None = 10.0  # seconds of silence before a heartbeat; None: off
-    flush_interval: float = 0.0  # least seconds between two fan-out flushes (§7)
+    flush_interval: float = 0.0  # least seconds between two generations of the fan-out (§7)
     # How long the fan-out waits after a flush (docs/fanout.md, "Pacing"): "throughput"
     # (as long as the flush took) or "latency" (only as long as other work needs).
     flush_pacing: Literal["throughput", "latency"] = "throughput"

@@ -2,7 +2,7 @@
 
 Counters and gauges are read from the server when scraped, so they cost nothing on the
 hot path; the one histogram (publish-to-send latency) is observed once per fan-out
-flush, not per change or per subscriber.
+generation, not per change or per subscriber.
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ class Metrics:
         self.registry.register(_ServerCollector(host))
         self.latency = Histogram(
             "statecast_publish_to_send_seconds",
-            "Time from a change being applied to its frames being handed to subscribers "
-            "(observed once per flush, for its oldest change).",
+            "Time from a change being applied to its frames being handed to every "
+            "subscriber (observed once per fan-out generation, for its oldest change).",
             buckets=(
                 0.0001,
                 0.00025,

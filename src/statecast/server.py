@@ -200,10 +200,9 @@ class Server:
         plan = await self._prepare_source(store) if cfg.source is not None else None
         self._engine = Engine(
             store,
-            FlushPacer(
-                loop, cfg.flush_interval, follow_demand=cfg.flush_pacing == "latency"
-            ).schedule,
+            FlushPacer(loop, follow_demand=cfg.flush_pacing == "latency").schedule,
             timer=loop.call_later,
+            flush_interval=cfg.flush_interval,
             dedupe_window=cfg.dedupe_window,
         )
         store.state.max_retained = cfg.max_snapshot_retained

@@ -1,4 +1,4 @@
-"""FlushPacer: when the fan-out flushes, checked against a fake clock."""
+"""FlushPacer: when the fan-out runs its next step, checked against a fake clock."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class FakeLoop:
 
 def test_idle_server_flushes_at_once_and_busy_one_waits_as_long_as_a_flush_took() -> None:
     loop = FakeLoop()
-    pacer = FlushPacer(loop, 0.0)
+    pacer = FlushPacer(loop)
     flushed: list[float] = []
 
     def slow_flush() -> None:
@@ -51,15 +51,6 @@ def test_idle_server_flushes_at_once_and_busy_one_waits_as_long_as_a_flush_took(
     assert len(flushed) == 3
 
 
-def test_minimum_interval() -> None:
-    loop = FakeLoop()
-    pacer = FlushPacer(loop, 0.010)
-    pacer.schedule(lambda: None)
-    loop.run_next()
-    pacer.schedule(lambda: None)
-    assert loop.calls[0][0] == pytest.approx(0.010)
-
-
 class FakeCpu:
     """The loop thread's CPU time: advanced by hand, as work is done."""
 
@@ -70,10 +61,10 @@ class FakeCpu:
         return self.now
 
 
-def demand_pacer(min_interval: float) -> tuple[FakeLoop, FakeCpu, FlushPacer]:
+def demand_pacer() -> tuple[FakeLoop, FakeCpu, FlushPacer]:
     """A pacer following demand, on a fake loop and a fake CPU clock."""
     loop, cpu = FakeLoop(), FakeCpu()
-    return loop, cpu, FlushPacer(loop, min_interval, follow_demand=True, cpu_clock=cpu)
+    return loop, cpu, FlushPacer(loop, follow_demand=True, cpu_clock=cpu)
 
 
 def busy(loop: FakeLoop, cpu: FakeCpu, seconds: float) -> None:
@@ -83,7 +74,7 @@ def busy(loop: FakeLoop, cpu: FakeCpu, seconds: float) -> None:
 
 
 def test_following_demand_a_loop_with_little_else_to_do_flushes_again_soon() -> None:
-    loop, cpu, pacer = demand_pacer(0.0)
+    loop, cpu, pacer = demand_pacer()
     flush_cost = 0.010  # a thousand subscribers
 
     def flush() -> None:
@@ -100,7 +91,7 @@ def test_following_demand_a_loop_with_little_else_to_do_flushes_again_soon() -> 
 
 
 def test_following_demand_busy_ingest_keeps_half_the_loop() -> None:
-    loop, cpu, pacer = demand_pacer(0.0)
+    loop, cpu, pacer = demand_pacer()
 
     def flush() -> None:
         busy(loop, cpu, 0.010)
@@ -120,7 +111,7 @@ def test_following_demand_busy_ingest_keeps_half_the_loop() -> None:
 
 
 def test_following_demand_a_flush_slowed_by_other_processes_backs_off() -> None:
-    loop, cpu, pacer = demand_pacer(0.0)
+    loop, cpu, pacer = demand_pacer()
 
     def flush() -> None:
         busy(loop, cpu, 0.002)
@@ -130,11 +121,3 @@ def test_following_demand_a_flush_slowed_by_other_processes_backs_off() -> None:
     loop.run_next()
     pacer.schedule(flush)
     assert loop.calls[0][0] == pytest.approx(0.006)
-
-
-def test_following_demand_keeps_the_minimum_interval() -> None:
-    loop, _, pacer = demand_pacer(0.010)
-    pacer.schedule(lambda: None)
-    loop.run_next()
-    pacer.schedule(lambda: None)
-    assert loop.calls[0][0] == pytest.approx(0.010)

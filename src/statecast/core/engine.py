@@ -148,12 +148,13 @@ class Engine:
         schedule: Callable[[Callable[[], None]], object] | None = None,
         timer: Callable[[float, Callable[[], None]], object] | None = None,
         *,
+        flush_interval: float = 0.0,
         dedupe_window: float = DEFAULT_WINDOW,
         dedupe_keep: int = DEFAULT_KEEP,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
-        self.fanout = Fanout(schedule, timer=timer)
+        self.fanout = Fanout(schedule, timer=timer, min_interval=flush_interval)
         self.fanout.flushed_seq = store.state.seq
         self.changes_published = 0
         self.publishes_failed = 0
@@ -362,17 +363,17 @@ class Engine:
     def snapshot(self, selection: frozenset[str] | None) -> Snapshot:
         """A snapshot at the current seq.
 
-        Queued changes are flushed first, so that ``flushed_seq == seq``: a
+        Queued changes are sealed first, so that ``flushed_seq == seq``: a
         subscriber that catches up to the snapshot's seq can join the fan-out at
         once without a duplicate (§5.2).
         """
-        self.fanout.flush()
+        self.fanout.seal()
         self.snapshots += 1
         return self.store.state.snapshot(selection)
 
     def sync_point(self) -> int:
-        """Flush queued changes and return the seq a new subscription starts at."""
-        self.fanout.flush()
+        """Seal queued changes and return the seq a new subscription starts at."""
+        self.fanout.seal()
         return self.fanout.flushed_seq
 
     def read_log(self, after: int, limit: int) -> list[Record]:

@@ -1,15 +1,23 @@
 """Fan-out: every change encoded once, then handed to subscribers in few writes.
 
 Subscribers are grouped by their :class:`~statecast.core.view.View`: the collections
-and the where filter they chose (docs/protocol.md §3.1, §3.2, §3.7). Changes applied
-since the last flush are joined into one blob per view, and each subscriber of the
-view gets that one blob: one ``deliver`` (one socket write) per subscriber per flush,
-however many changes the flush holds. A batch is never split across flushes, so its
-frames reach each subscriber back to back (§5.3). No I/O: the transports implement
-:class:`Subscriber`.
+and the where filter they chose (docs/protocol.md §3.1, §3.2, §3.7). Queued changes are
+sealed, whole batches at a time, into a *generation*: one list of frames, joined into
+one blob per view on first use. A subscriber gets one ``deliver`` (one socket write)
+with every generation it has not had yet, however many changes they hold, so its
+frames arrive in seq order and a batch is never split (§5.3). No I/O: the transports
+implement :class:`Subscriber`.
+
+The writes roll (docs/fanout.md, "Rolling writes"): each step seals what was queued
+since the step before, then writes to the subscribers that have waited longest, at
+most :data:`STEP_WRITES` of them, and gives the loop back. A change published while
+the server writes to a thousand subscribers is then sealed at the next step and goes
+out with the subscribers' next writes, instead of waiting for a flush to all of them
+to end before its own flush starts: it waits at most one round over the subscribers,
+not two.
 
 Where filters are evaluated once per change and distinct filter, never per
-subscriber (:class:`~statecast.core.filters.FilterSet`): for each change the flush
+subscriber (:class:`~statecast.core.filters.FilterSet`): for each change a generation
 knows whether the record was in each filter's view before (the version it replaced,
 ``Record.before``) and whether it is now, and sends the change, a delete (it moved
 out), or nothing (§3.7).
@@ -17,6 +25,7 @@ out), or nothing (§3.7).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Hashable, Sequence
 from functools import partial
@@ -30,12 +39,65 @@ from statecast.core.frames import delete_line
 from statecast.core.state import Record
 from statecast.core.view import View
 
-__all__ = ["FLUSH_BYTES", "Fanout", "Subscriber"]
+__all__ = ["FLUSH_BYTES", "STEP_WRITES", "Fanout", "Subscriber"]
 
-# §7: one scheduled flush hands out about this many bytes of frames (whole batches),
-# and leaves the rest for the next loop turn: what waits for a subscriber that keeps
-# up stays under --max-pending plus this, however much was published at once.
+# §7: one write hands a subscriber about this many bytes of frames at most (whole
+# generations; a generation holds whole batches of about this size), and what is
+# sealed but not yet written to every subscriber stays about this size: what waits for
+# a subscriber that keeps up stays under --max-pending plus this, however much was
+# published at once.
 FLUSH_BYTES = 1 << 20
+
+# One step of the fan-out writes to at most this many subscribers, then gives the loop
+# back (reads, acks, snapshot steps) before the next step: with a few microseconds per
+# write, about 0.2 ms. Fewer means more loop turns per round, more means a change
+# sealed during a round waits longer for the next step to pick it up.
+STEP_WRITES = 64
+
+
+class _Gen:
+    """A generation: changes sealed together (whole batches, in seq order), the blob
+    each view gets of them (built on first use), and the subscribers whose last write
+    ended with this generation (they have every change up to ``seq``)."""
+
+    __slots__ = (
+        "befores",
+        "blobs",
+        "filters",
+        "lines",
+        "moves",
+        "records",
+        "seq",
+        "since",
+        "size",
+        "subs",
+        "vectors",
+    )
+
+    def __init__(
+        self,
+        seq: int,
+        records: list[Record] | None = None,
+        befores: list[Record | None] | None = None,
+        *,
+        since: float | None = None,
+        filters: tuple[Where, ...] = (),
+        vectors: tuple[list[tuple[bool, ...]], list[tuple[bool, ...]]] | None = None,
+    ) -> None:
+        self.seq = seq
+        self.records = records or []
+        self.befores = befores or []
+        self.lines = [r.change_line() for r in self.records]  # encode once, for everyone
+        self.size = sum(map(len, self.lines))
+        self.since = since  # perf_counter() when its oldest change was queued
+        # The filters in use when it was sealed, and per change whether each matches
+        # the new value and the replaced one (§3.7): a subscriber joins at the newest
+        # generation, so its filter is in every generation it is written later.
+        self.filters = filters
+        self.vectors = vectors
+        self.moves: dict[Where, list[int]] | None = None
+        self.blobs: dict[View, tuple[bytes, int]] = {}
+        self.subs: dict[Subscriber, View] = {}
 
 
 class Subscriber(Hashable, Protocol):
@@ -55,32 +117,45 @@ class Fanout:
         *,
         timer: Timer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        min_interval: float = 0.0,
     ) -> None:
-        # ``schedule(fn)`` runs fn soon on the same thread (loop.call_soon); without
-        # it, the owner calls flush() itself. ``timer(delay, fn)`` (loop.call_later)
-        # runs conflated emissions (conflate.py); without it, emit_conflated() does.
+        # ``schedule(fn)`` runs fn soon on the same thread (a FlushPacer, or
+        # loop.call_soon); without it, the owner calls step() or flush() itself.
+        # ``timer(delay, fn)`` (loop.call_later) runs conflated emissions (conflate.py)
+        # and waits out ``min_interval``; without it, emit_conflated() does, and
+        # generations are sealed whenever a step runs.
         self._schedule = schedule
         self._timer = timer
         self._clock = clock
+        # --flush-interval: least seconds between two generations sealed (§7).
+        self._min_interval = min_interval
+        self._last_seal = -float("inf")
         self._conflated: dict[tuple[View, float], list[ConflatedGroup]] = {}
         self._group_of: dict[Subscriber, ConflatedGroup] = {}
         self._emits_scheduled: set[tuple[View, float]] = set()
         # §7 --slow-consumer conflate: subscribers that fell behind, each with a group of
         # its own that is never emitted on a timer: taken whole when it has drained.
         self._held: dict[Subscriber, ConflatedGroup] = {}
-        self._scheduled = False
+        self._scheduled = False  # a step is scheduled (or waits for min_interval)
         self._pending: list[Record] = []
         # The version each pending change replaced, taken when it was queued: the
         # change log lets go of it once the change falls out of the log.
         self._pending_before: list[Record | None] = []
         self._batch_ends: list[int] = []  # len(_pending) after each queued batch
         self._groups: dict[View, dict[Subscriber, None]] = {}
+        self._canon: dict[View, View] = {}  # each view of _groups, as the one object used
         self._filters = FilterSet()  # the distinct where filters of the groups
-        self.flushed_seq = 0  # every change <= this has been handed to subscribers
+        # Generations sealed, oldest first; the last is the newest, where subscribers
+        # join. One that no subscriber's last write ended with is dropped from the front.
+        self._gens: list[_Gen] = [_Gen(0)]
+        self._gen_of: dict[Subscriber, _Gen] = {}
+        self._writing: tuple[Subscriber, _Gen] | None = None  # who, from where
+        self._unsent = 0  # bytes of the generations after the first
+        self.flushed_seq = 0  # every change <= this is sealed (§5.2: where a join starts)
         self.deliveries = 0  # change frames handed to subscribers, in total
         self.bytes_delivered = 0
-        # Called after each flush with the seconds its oldest change waited since it
-        # was published (metrics: publish-to-send latency).
+        # Called with the seconds from a generation's oldest change being queued to the
+        # last subscriber's write of it (metrics: publish-to-send latency).
         self.on_flush: Callable[[float], None] | None = None
         self._pending_since = 0.0
 
@@ -90,7 +165,7 @@ class Fanout:
 
     @property
     def views(self) -> int:
-        """Distinct views: blobs built per flush."""
+        """Distinct views: blobs built per generation."""
         return len(self._groups)
 
     def join(self, sub: Subscriber, view: View, conflate: float | None = None) -> None:
@@ -102,9 +177,14 @@ class Fanout:
         group = self._groups.get(view)
         if group is None:
             group = self._groups[view] = {}
+            self._canon[view] = view
             if view.where is not None:
                 self._refilter()
         group[sub] = None
+        view = self._canon[view]  # one object per distinct view: looked up by identity
+        newest = self._gens[-1]
+        newest.subs[sub] = view
+        self._gen_of[sub] = newest
 
     def leave(self, sub: Subscriber, view: View) -> None:
         held = self._held.pop(sub, None)
@@ -116,12 +196,16 @@ class Fanout:
         if cgroup is not None:
             self._leave_conflated(sub, cgroup)
             return
+        gen = self._gen_of.pop(sub, None)
+        if gen is not None:
+            del gen.subs[sub]
         group = self._groups.get(view)
         if group is None:
             return
         group.pop(sub, None)
         if not group:
             del self._groups[view]
+            del self._canon[view]
             if view.where is not None:
                 self._refilter()
 
@@ -169,11 +253,19 @@ class Fanout:
     def hold(self, sub: Subscriber, view: View) -> None:
         """§7 --slow-consumer conflate: ``sub`` (joined with ``view``) fell behind: from
         now on keep only the newest state of each key it has not been sent, until
-        :meth:`release`."""
+        :meth:`release`. What was sealed since its last write (the generations after
+        it, and the write that found it behind) goes into that state first."""
+        gen = self._gen_of.get(sub)
+        if self._writing is not None and self._writing[0] is sub:
+            gen = self._writing[1]  # held by the write from there: that write is lost too
+        missed = [] if gen is None else self._gens[self._gens.index(gen) + 1 :]
         self.leave(sub, view)
-        self._held[sub] = ConflatedGroup(view, 0.0)
+        group = self._held[sub] = ConflatedGroup(view, 0.0)
         if view.where is not None:
             self._refilter()
+        for g in missed:
+            index = {w: j for j, w in enumerate(g.filters)}
+            self._absorb(group, g.records, g.befores, g.vectors, index)
 
     def release(self, sub: Subscriber) -> bytes:
         """``sub`` has drained: the frames of what changed while it was held (the
@@ -262,6 +354,14 @@ class Fanout:
         for key in list(self._conflated):
             self._emit(key)
 
+    def seq_of(self, sub: Subscriber) -> int:
+        """§4.3: the seq up to which ``sub`` has been written every change (a
+        heartbeat's seq); for a subscriber that is not joined, ``flushed_seq``."""
+        gen = self._gen_of.get(sub)
+        if gen is None or gen is self._gens[-1]:
+            return self.flushed_seq
+        return gen.seq
+
     def publish(self, records: Sequence[Record]) -> None:
         """Queue changes just applied to the state, in seq order."""
         if not records:
@@ -280,23 +380,60 @@ class Fanout:
         self._batch_ends.append(len(self._pending))
         if not self._scheduled and self._schedule is not None:
             self._scheduled = True
-            self._schedule(self._scheduled_flush)
+            self._schedule(self._scheduled_step)
 
-    def _scheduled_flush(self) -> None:
+    def _scheduled_step(self) -> None:
         self._scheduled = False
-        self.flush(FLUSH_BYTES)
-        if self._pending and self._schedule is not None:
-            self._scheduled = True  # the rest on a later loop turn
-            self._schedule(self._scheduled_flush)
-
-    def flush(self, max_bytes: int | None = None) -> None:
-        """Hand queued changes to the subscribers: every one, or whole batches up to
-        about ``max_bytes`` (at least one batch)."""
-        if not self._pending:
+        wait = self.step()
+        if self._schedule is None:
             return
-        n = len(self._pending)
-        if max_bytes is not None:
-            n = self._cut(max_bytes)
+        if self._gens_behind() or (self._pending and wait <= 0):
+            self._scheduled = True  # the rest on a later loop turn
+            self._schedule(self._scheduled_step)
+        elif self._pending and self._timer is not None:
+            self._scheduled = True  # --flush-interval: seal when it has passed
+            self._timer(wait, self._wake)
+
+    def _wake(self) -> None:
+        if self._schedule is not None:
+            self._schedule(self._scheduled_step)
+
+    def step(self, writes: int = STEP_WRITES) -> float:
+        """One step: seal what is queued (whole batches of about FLUSH_BYTES, while less
+        than that is sealed and unwritten), then write to the ``writes`` subscribers
+        that have waited longest. Returns how long --flush-interval keeps what is still
+        queued from being sealed (0: it is not)."""
+        wait = 0.0
+        if self._pending and self._unsent < FLUSH_BYTES:
+            wait = self._last_seal + self._min_interval - self._clock()
+            if wait <= 0 or self._timer is None:
+                self._seal(FLUSH_BYTES)
+                wait = 0.0
+        self._write(writes, FLUSH_BYTES)
+        return wait
+
+    def flush(self) -> None:
+        """Seal everything queued and write it to every subscriber, now (a snapshot or
+        a join needs it sealed; shutdown needs it written)."""
+        if self._pending:
+            self._seal(None)
+        self._write(None, None)
+
+    def seal(self) -> None:
+        """Seal everything queued, so that ``flushed_seq`` is the state's seq (§5.2); the
+        writes follow in the next steps."""
+        if self._pending:
+            self._seal(None)
+
+    def _gens_behind(self) -> bool:
+        """Whether some subscriber has not been written every sealed generation."""
+        self._trim()
+        return len(self._gens) > 1
+
+    def _seal(self, max_bytes: int | None) -> None:
+        """Queued changes become a generation: all, or whole batches of about
+        ``max_bytes`` (at least one)."""
+        n = len(self._pending) if max_bytes is None else self._cut(max_bytes)
         records = self._pending[:n]
         befores = self._pending_before[:n]
         if n == len(self._pending):
@@ -306,45 +443,118 @@ class Fanout:
             del self._pending_before[:n]
             self._batch_ends = [end - n for end in self._batch_ends if end > n]
         self.flushed_seq = records[-1].seq
-        lines = [r.change_line() for r in records]  # encode once, for everyone
-        everything: bytes | None = None
-        filtered: dict[Where, list[int]] | None = None
+        self._last_seal = self._clock()
         vectors = self._vectors(records, befores) if len(self._filters) else None
-        for view, group in list(self._groups.items()):
-            cols, where = view.collections, view.where
-            if where is not None:
-                if filtered is None:
-                    assert vectors is not None
-                    filtered = self._moves(vectors)
-                picked = [
-                    lines[i] if i >= 0 else _delete_line(records[~i])
-                    for i in filtered[where]
-                    if cols is None or records[i if i >= 0 else ~i].collection in cols
-                ]
-                if not picked:
-                    continue
-                blob = b"".join(picked)
-                n = len(picked)
-            elif cols is None:
-                if everything is None:
-                    everything = b"".join(lines)
-                blob = everything
-                n = len(lines)
-            else:
-                picked = [ln for r, ln in zip(records, lines, strict=True) if r.collection in cols]
-                if not picked:
-                    continue
-                blob = b"".join(picked)
-                n = len(picked)
-            subs = list(group)
-            self.deliveries += n * len(subs)
-            self.bytes_delivered += len(blob) * len(subs)
-            for sub in subs:
-                sub.deliver(blob)
+        gen = _Gen(
+            self.flushed_seq,
+            records,
+            befores,
+            since=self._pending_since,
+            filters=self._filters.filters,
+            vectors=vectors,
+        )
+        if self._gen_of:
+            self._gens.append(gen)
+            self._unsent += gen.size
+        else:
+            self._gens = [gen]  # nobody to write it to
+            self._unsent = 0
         if self._conflated or self._held:
             self._absorb_conflated(records, befores, vectors)
-        if self.on_flush is not None:
-            self.on_flush(time.perf_counter() - self._pending_since)
+
+    def _trim(self) -> None:
+        """Drop the oldest generations while no subscriber's last write ended with
+        them: the next one has then been written to everyone."""
+        gens = self._gens
+        while len(gens) > 1 and not gens[0].subs:
+            del gens[0]
+            first = gens[0]
+            self._unsent -= first.size
+            if self.on_flush is not None and first.since is not None:
+                self.on_flush(time.perf_counter() - first.since)
+
+    def _write(self, writes: int | None, max_bytes: int | None) -> None:
+        """Write to the subscribers that have waited longest (whose last write ended
+        with the oldest generation), at most ``writes`` of them: each gets every newer
+        generation, or as many as fit in about ``max_bytes``, in one blob per view.
+
+        A subscriber is moved to its new generation before its write: a write that
+        cuts it off leaves from there, and one that holds it (§7) finds in
+        ``_writing`` the generation it was written from."""
+        left = len(self._gen_of) if writes is None else writes
+        gen_of = self._gen_of
+        deliveries = nbytes = 0
+        self._trim()
+        while len(self._gens) > 1 and left > 0:
+            oldest = self._gens[0]
+            waiting = oldest.subs
+            # The blob for each view, shared by every subscriber of the view at oldest.
+            blobs: dict[int, tuple[_Gen, bytes, int]] = {}  # by id() of the canonical view
+            subs = list(itertools.islice(waiting, left))
+            left -= len(subs)
+            for sub in subs:
+                view = waiting.pop(sub, None)
+                if view is None:
+                    continue  # it left while another was written to
+                got = blobs.get(id(view))
+                if got is None:
+                    got = blobs[id(view)] = self._blob_after(view, max_bytes)
+                last, blob, n = got
+                last.subs[sub] = view
+                gen_of[sub] = last
+                if n:
+                    deliveries += n
+                    nbytes += len(blob)
+                    self._writing = (sub, oldest)
+                    sub.deliver(blob)
+            self._writing = None
+            self._trim()
+        self.deliveries += deliveries
+        self.bytes_delivered += nbytes
+
+    def _blob_after(self, view: View, max_bytes: int | None) -> tuple[_Gen, bytes, int]:
+        """What a subscriber of ``view`` whose last write ended with the oldest
+        generation gets next: the generations after it (as many as fit in about
+        ``max_bytes``, at least one), the last of them, its blob and its frame count."""
+        gens = self._gens
+        parts: list[bytes] = []
+        n = size = 0
+        last = gens[1]
+        for i in range(1, len(gens)):
+            gen = gens[i]
+            if max_bytes is not None and i > 1 and size + gen.size > max_bytes:
+                break
+            size += gen.size
+            last = gen
+            blob, k = self._view_blob(gen, view)
+            if k:
+                parts.append(blob)
+                n += k
+        return last, parts[0] if len(parts) == 1 else b"".join(parts), n
+
+    def _view_blob(self, gen: _Gen, view: View) -> tuple[bytes, int]:
+        """The frames of ``gen`` for the subscribers of ``view``, and how many there
+        are (built once per generation and view)."""
+        got = gen.blobs.get(view)
+        if got is not None:
+            return got
+        cols, where = view.collections, view.where
+        records, lines = gen.records, gen.lines
+        if where is not None:
+            if gen.moves is None:
+                assert gen.vectors is not None
+                gen.moves = self._moves(gen.filters, gen.vectors)
+            picked = [
+                lines[i] if i >= 0 else _delete_line(records[~i])
+                for i in gen.moves[where]
+                if cols is None or records[i if i >= 0 else ~i].collection in cols
+            ]
+        elif cols is None:
+            picked = lines
+        else:
+            picked = [ln for r, ln in zip(records, lines, strict=True) if r.collection in cols]
+        got = gen.blobs[view] = (b"".join(picked), len(picked))
+        return got
 
     def _cut(self, max_bytes: int) -> int:
         """How many pending records make whole batches of about ``max_bytes``."""
@@ -368,13 +578,14 @@ class Fanout:
         was = [vector(_before_json(b)) for b in befores]
         return now, was
 
+    @staticmethod
     def _moves(
-        self, vectors: tuple[list[tuple[bool, ...]], list[tuple[bool, ...]]]
+        filters: tuple[Where, ...],
+        vectors: tuple[list[tuple[bool, ...]], list[tuple[bool, ...]]],
     ) -> dict[Where, list[int]]:
-        """For each distinct filter, what its subscribers get of this flush, in order:
-        ``i`` for the change frame of ``records[i]`` (in view now), ``~i`` for a
+        """For each distinct filter, what its subscribers get of a generation, in
+        order: ``i`` for the change frame of ``records[i]`` (in view now), ``~i`` for a
         delete of its key (it moved out), nothing when it was never in view (§3.7)."""
-        filters = self._filters.filters
         out: dict[Where, list[int]] = {w: [] for w in filters}
         outs = [out[w] for w in filters]
         for i, (now, was) in enumerate(zip(*vectors, strict=True)):

@@ -167,7 +167,7 @@ class TcpConnection(asyncio.Protocol):
     def send_heartbeat(self) -> None:
         if self._closing or self.transport is None:
             return
-        self.transport.write(encode_heartbeat(self._host.engine.fanout.flushed_seq))
+        self.transport.write(encode_heartbeat(self._host.engine.fanout.seq_of(self)))
         self.last_send = self._host.clock
 
     def stop_reading(self) -> None:

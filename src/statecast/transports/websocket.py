@@ -205,7 +205,7 @@ class WsConnection:
     # -- server interface ----------------------------------------------------------------
     def send_heartbeat(self) -> None:
         if not self._closing:
-            frame = encode_heartbeat(self._host.engine.fanout.flushed_seq)
+            frame = encode_heartbeat(self._host.engine.fanout.seq_of(self))
             self._out.append(frame)
             self._queued += len(frame)
             self._wake.set()
