@@ -120,6 +120,7 @@ class Replica:
 def server_contents(engine: Engine) -> dict[tuple[str, str], Any]:
     out = {}
     for coll in engine.store.state.collections.values():
+        assert coll.lines == [r.line for r in coll.slots]  # kept beside the slots
         for rec in coll.records():
             out[(coll.name, rec.key)] = msgspec.json.decode(rec.line)["value"]
     return out
@@ -198,5 +199,6 @@ def test_clients_always_end_with_the_exact_state(
         assert r.data == r.selected(history[engine.seq])
     for r in replicas:
         r.disconnect()
+    server_contents(engine)  # tombstones removed with the last snapshot: lines too
     assert engine.store.state.open_snapshots == 0
     assert engine.fanout.subscriber_count == 0

@@ -102,12 +102,16 @@ def encode_batch(batch: Sequence[PreparedChange], first_seq: int) -> list[Record
 
 
 class Collection:
-    __slots__ = ("index", "live", "name", "slots", "tombstones")
+    __slots__ = ("index", "lines", "live", "name", "slots", "tombstones")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.index: dict[str, int] = {}
         self.slots: list[Record] = []
+        # ``slots[i].line`` for every i, kept beside the slots: a snapshot takes a
+        # chunk of frames as one list slice, without touching each Record (one cache
+        # miss per record, a third of a snapshot's time in the server).
+        self.lines: list[bytes] = []
         self.live = 0  # records that are not tombstones
         self.tombstones: list[str] = []  # keys whose slot holds a tombstone
 
@@ -128,8 +132,10 @@ class Collection:
     def _swap_remove(self, key: str) -> None:
         pos = self.index.pop(key)
         last = self.slots.pop()
+        line = self.lines.pop()
         if pos < len(self.slots):
             self.slots[pos] = last
+            self.lines[pos] = line
             self.index[last.key] = pos
 
 
@@ -228,6 +234,7 @@ class State:
                     rec.before = None
                     coll.index[key] = len(coll.slots)
                     coll.slots.append(rec)
+                    coll.lines.append(rec.line)
                     coll.live += 1
                 else:
                     old = rec.before = coll.slots[pos]
@@ -236,6 +243,7 @@ class State:
                     if protect:
                         self._chain(rec, old)
                     coll.slots[pos] = rec
+                    coll.lines[pos] = rec.line
             elif pos is not None:
                 old = rec.before = coll.slots[pos]
                 if not old.deleted:
@@ -243,6 +251,7 @@ class State:
                 if protect:
                     self._chain(rec, old)
                     coll.slots[pos] = rec
+                    coll.lines[pos] = rec.line
                     coll.tombstones.append(key)
                 else:
                     coll._swap_remove(key)
@@ -269,6 +278,7 @@ class State:
             base = len(coll.slots)
             recs = list(group)
             coll.slots.extend(recs)
+            coll.lines.extend([r.line for r in recs])
             coll.index.update({r.key: base + i for i, r in enumerate(recs)})
             coll.live += len(recs)
         self.seq = seq
@@ -411,18 +421,19 @@ class Snapshot:
             pos = self._pos
             while pos < end and size < max_bytes:
                 stop = min(end, pos + _SLICE)
-                chunk = slots[pos:stop]
                 # The usual case, at C speed: every slot of the chunk still holds its
                 # version at S (nothing was installed since the snapshot opened, or
                 # nothing newer than S is in the chunk) and none is a tombstone (every
                 # tombstone slot's key is in ``tombstones``, kept while a snapshot is
                 # open).
-                if not coll.tombstones and (state.seq == seq or max(map(_get_seq, chunk)) <= seq):
-                    got = [r.line for r in chunk]
+                if not coll.tombstones and (
+                    state.seq == seq or max(map(_get_seq, slots[pos:stop])) <= seq
+                ):
+                    got = coll.lines[pos:stop]
                     size += sum(map(len, got))
                     lines += got
                 else:
-                    size += self._read_versions(chunk, lines)
+                    size += self._read_versions(slots[pos:stop], lines)
                 pos = stop
             self._pos = pos
             if pos >= end:
