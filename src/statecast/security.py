@@ -28,6 +28,14 @@ def verifier_of(config: Config) -> TokenVerifier | None:
     )
 
 
+class _EncryptedKey(Exception):
+    """The TLS key asked for a passphrase."""
+
+
+def _no_passphrase() -> str:
+    raise _EncryptedKey
+
+
 def server_ssl_context(config: Config) -> ssl.SSLContext | None:
     """TLS for the TCP and HTTP ports (None: plain)."""
     if config.tls_cert is None or config.tls_key is None:
@@ -35,7 +43,14 @@ def server_ssl_context(config: Config) -> ssl.SSLContext | None:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+        # A password callback, so that OpenSSL never asks for a passphrase on the
+        # terminal: an encrypted key is refused with a clear message instead.
+        ctx.load_cert_chain(config.tls_cert, config.tls_key, password=_no_passphrase)
+    except _EncryptedKey:
+        raise ConfigError(
+            f"--tls-key {config.tls_key} is encrypted (passphrase-protected): statecast "
+            f"needs it unencrypted ('openssl pkey -in {config.tls_key} -out key.pem')"
+        ) from None
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
             f"cannot load --tls-cert {config.tls_cert} / --tls-key {config.tls_key}: {exc}"
