@@ -36,7 +36,7 @@ __all__ = ["ConflatedGroup", "Timer", "next_tick"]
 
 
 class ConflatedGroup:
-    __slots__ = ("interval", "pending", "scheduled", "subs", "view")
+    __slots__ = ("base_seq", "interval", "pending", "scheduled", "subs", "view")
 
     def __init__(self, view: View, interval: float) -> None:
         self.view = view
@@ -45,6 +45,9 @@ class ConflatedGroup:
         # (collection, key) -> [in view at the last emission, newest change, in view now]
         self.pending: dict[tuple[str, str], list[object]] = {}
         self.scheduled = False
+        # With changes pending: the seq before the first of them. Its subscribers have
+        # every change of the view up to it (a heartbeat's seq, §4.3).
+        self.base_seq = 0
 
     def absorb(self, rec: Record, was_in: bool, now_in: bool) -> bool:
         """Note one change of a key in the view's collections; whether the group has
@@ -54,6 +57,8 @@ class ConflatedGroup:
         if entry is None:
             if not was_in and not now_in:
                 return bool(self.pending)  # nothing it could learn about
+            if not self.pending:
+                self.base_seq = rec.seq - 1
             self.pending[k] = [was_in, rec, now_in]
         else:
             entry[1] = rec

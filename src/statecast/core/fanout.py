@@ -143,6 +143,7 @@ class Fanout:
         # change log lets go of it once the change falls out of the log.
         self._pending_before: list[Record | None] = []
         self._batch_ends: list[int] = []  # len(_pending) after each queued batch
+        self._batch_since: list[float] = []  # perf_counter() when each was queued
         self._groups: dict[View, dict[Subscriber, None]] = {}
         self._canon: dict[View, View] = {}  # each view of _groups, as the one object used
         self._filters = FilterSet()  # the distinct where filters of the groups
@@ -151,9 +152,10 @@ class Fanout:
         self._gens: list[_Gen] = [_Gen(0)]
         # Each joined subscriber's generation (the last it was written) and view.
         self._gen_of: dict[Subscriber, tuple[_Gen, View]] = {}
-        # While a batch of subscribers is written to: where they moved, and the
-        # generation they were written from (for hold()).
-        self._writing: tuple[tuple[_Gen, View], _Gen] | None = None
+        # While a subscriber is written to: who, and the generation it is written from
+        # (for hold()).
+        self._writing_sub: Subscriber | None = None
+        self._writing_from: _Gen | None = None
         self._unsent = 0  # bytes of the generations after the first
         self.flushed_seq = 0  # every change <= this is sealed (§5.2: where a join starts)
         self.deliveries = 0  # change frames handed to subscribers, in total
@@ -161,7 +163,6 @@ class Fanout:
         # Called with the seconds from a generation's oldest change being queued to the
         # last subscriber's write of it (metrics: publish-to-send latency).
         self.on_flush: Callable[[float], None] | None = None
-        self._pending_since = 0.0
 
     @property
     def subscriber_count(self) -> int:
@@ -187,6 +188,15 @@ class Fanout:
         group[sub] = None
         view = self._canon[view]  # one object per distinct view
         newest = self._gens[-1]
+        if newest.seq != self.flushed_seq:
+            # flushed_seq moved with nobody joined (or the engine set it): a generation
+            # at it, so that seq_of() never says less than the subscriber has.
+            newest = _Gen(self.flushed_seq)
+            if self._gen_of:
+                self._gens.append(newest)
+            else:
+                self._gens = [newest]
+                self._unsent = 0
         at = newest.subs.get(view)
         if at is None:
             at = newest.subs[view] = {}
@@ -268,10 +278,10 @@ class Fanout:
         it, and the write that found it behind) goes into that state first."""
         place = self._gen_of.get(sub)
         gen = None if place is None else place[0]
-        if self._writing is not None and place is self._writing[0]:
-            # Held by its own write (no write holds another subscriber): what that
-            # write carried is lost too, so it counts from where it was written from.
-            gen = self._writing[1]
+        if sub is self._writing_sub:
+            # Held by its own write: what that write carried is lost too, so it counts
+            # from the generation it was written from.
+            gen = self._writing_from
         missed = [] if gen is None else self._gens[self._gens.index(gen) + 1 :]
         self.leave(sub, view)
         group = self._held[sub] = ConflatedGroup(view, 0.0)
@@ -344,7 +354,8 @@ class Fanout:
         groups = self._conflated.get(key)
         if not groups:
             return
-        for group in groups:
+        # A copy: a deliver that cuts off a group's last subscriber removes the group.
+        for group in list(groups):
             if not group.pending:
                 continue
             blob, n = group.blob()
@@ -355,7 +366,8 @@ class Fanout:
             self.bytes_delivered += len(blob) * len(subs)
             for sub in subs:
                 sub.deliver(blob)
-        if len(groups) > 1:
+        groups = self._conflated.get(key)
+        if groups and len(groups) > 1 and not any(g.pending for g in groups):
             first = groups[0]
             for other in groups[1:]:
                 for sub in other.subs:
@@ -369,12 +381,16 @@ class Fanout:
             self._emit(key)
 
     def seq_of(self, sub: Subscriber) -> int:
-        """§4.3: the seq up to which ``sub`` has been written every change (a
-        heartbeat's seq); for a subscriber that is not joined, ``flushed_seq``."""
+        """§4.3: the seq up to which ``sub`` has been written every change of its view
+        (a heartbeat's seq): a conflated or held subscriber has everything before its
+        group's oldest waiting change; one that is not joined, ``flushed_seq``."""
         place = self._gen_of.get(sub)
-        if place is None or place[0] is self._gens[-1]:
-            return self.flushed_seq
-        return place[0].seq
+        if place is not None:
+            return self.flushed_seq if place[0] is self._gens[-1] else place[0].seq
+        group = self._held.get(sub) or self._group_of.get(sub)
+        if group is not None and group.pending:
+            return group.base_seq  # the rest waits in its conflated state
+        return self.flushed_seq
 
     def publish(self, records: Sequence[Record]) -> None:
         """Queue changes just applied to the state, in seq order."""
@@ -385,13 +401,12 @@ class Fanout:
             # catches up from the change log up to flushed_seq first.
             self.flushed_seq = records[-1].seq
             return
-        if not self._pending:
-            self._pending_since = time.perf_counter()
         self._pending.extend(records)
         self._pending_before.extend(
             [b if isinstance(b, Record) else None for b in (r.before for r in records)]
         )
         self._batch_ends.append(len(self._pending))
+        self._batch_since.append(time.perf_counter())
         if not self._scheduled and self._schedule is not None:
             self._scheduled = True
             self._schedule(self._scheduled_step)
@@ -435,9 +450,10 @@ class Fanout:
 
     def seal(self) -> None:
         """Seal everything queued, so that ``flushed_seq`` is the state's seq (§5.2); the
-        writes follow in the next steps."""
-        if self._pending:
-            self._seal(None)
+        writes follow in the next steps. Generations of about FLUSH_BYTES, as a step
+        makes them: a subscriber's write stays that size (§7)."""
+        while self._pending:
+            self._seal(FLUSH_BYTES)
 
     def _gens_behind(self) -> bool:
         """Whether some subscriber has not been written every sealed generation."""
@@ -451,11 +467,16 @@ class Fanout:
         records = self._pending[:n]
         befores = self._pending_before[:n]
         if n == len(self._pending):
+            since = self._batch_since[0]
             self._pending, self._pending_before, self._batch_ends = [], [], []
+            self._batch_since = []
         else:
             del self._pending[:n]
             del self._pending_before[:n]
-            self._batch_ends = [end - n for end in self._batch_ends if end > n]
+            since = self._batch_since[0]
+            whole = self._batch_ends.index(n) + 1  # batches sealed
+            self._batch_ends = [end - n for end in self._batch_ends[whole:]]
+            del self._batch_since[:whole]
         self.flushed_seq = records[-1].seq
         self._last_seal = self._clock()
         vectors = self._vectors(records, befores) if len(self._filters) else None
@@ -463,7 +484,7 @@ class Fanout:
             self.flushed_seq,
             records,
             befores,
-            since=self._pending_since,
+            since=since,
             filters=self._filters.filters,
             vectors=vectors,
         )
@@ -495,8 +516,8 @@ class Fanout:
         The subscribers of one view are moved to their new generation together, with
         dict operations that run at C speed, before their writes: per subscriber, only
         the ``deliver`` call is Python. A write that cuts its subscriber off leaves from
-        the new generation; one that holds it (§7) is told by ``_writing`` which
-        generation it was written from."""
+        the new generation; one that holds it (§7) is told by ``_writing_from``
+        which generation it was written from."""
         left = len(self._gen_of) if writes is None else writes
         gen_of = self._gen_of
         deliveries = nbytes = 0
@@ -506,10 +527,12 @@ class Fanout:
             for view, waiting in list(oldest.subs.items()):
                 if left <= 0:
                     break
+                if not waiting:
+                    continue  # its last subscriber left during an earlier write
                 last, blob, n = self._blob_after(view, max_bytes)
                 if len(waiting) <= left:
                     batch = list(waiting)
-                    del oldest.subs[view]
+                    oldest.subs.pop(view, None)
                 else:
                     batch = list(itertools.islice(waiting, left))
                     for sub in batch:
@@ -524,14 +547,15 @@ class Fanout:
                 gen_of.update(dict.fromkeys(batch, place))
                 if not n:
                     continue
-                self._writing = (place, oldest)
+                self._writing_from = oldest
                 gone = 0
                 for sub in batch:
                     if gen_of.get(sub) is place:
+                        self._writing_sub = sub
                         sub.deliver(blob)
                     else:
                         gone += 1  # cut off by an earlier write of this batch
-                self._writing = None
+                self._writing_sub = self._writing_from = None
                 deliveries += n * (len(batch) - gone)
                 nbytes += len(blob) * (len(batch) - gone)
             self._trim()
