@@ -1,5 +1,5 @@
-"""A TCP proxy for tests that can cut every connection through it at any moment, or
-refuse connections for a while."""
+"""A TCP proxy for tests that can cut every connection through it at any moment,
+refuse connections for a while, or let the connections open now go silent."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class CuttingProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self.cuts = 0
         self.blocked = False
+        self._frozen: set[asyncio.StreamWriter] = set()  # clients that get nothing more
         started = threading.Event()
         self._server: asyncio.Server | None = None
 
@@ -50,6 +51,7 @@ class CuttingProxy:
         self._writers |= {w, uw}
         await asyncio.gather(self._pipe(r, uw), self._down(ur, w, uw))
         self._writers -= {w, uw}
+        self._frozen -= {w, uw}
 
     @staticmethod
     async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -62,9 +64,15 @@ class CuttingProxy:
     async def _down(
         self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: asyncio.StreamWriter
     ) -> None:
-        """What flows from the server to the client: passed on as it is (a subclass may
-        look at it, and reset both sides, ``dst`` and ``upstream``)."""
-        await self._pipe(src, dst)
+        """What flows from the server to the client: passed on as it is, or dropped
+        once ``freeze()`` was called (a subclass may look at it, and reset both sides,
+        ``dst`` and ``upstream``)."""
+        with contextlib.suppress(OSError, ConnectionError):
+            while data := await src.read(1 << 16):
+                if dst not in self._frozen:
+                    dst.write(data)
+                    await dst.drain()
+        dst.transport.abort()
 
     def cut(self) -> None:
         """Reset every connection now (from any thread)."""
@@ -75,6 +83,16 @@ class CuttingProxy:
                 w.transport.abort()
 
         self.loop.call_soon_threadsafe(abort_all)
+
+    def freeze(self) -> None:
+        """From now on, drop what the server sends on every open connection, and close
+        nothing: what a network partition looks like to the client (from any thread).
+        New connections are not affected."""
+
+        def drop() -> None:
+            self._frozen |= self._writers
+
+        self.loop.call_soon_threadsafe(drop)
 
     def block(self) -> None:
         """Reset every connection and refuse new ones (from any thread)."""

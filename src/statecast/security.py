@@ -70,6 +70,7 @@ def limits_of(config: Config) -> Limits:
         request_timeout=config.request_timeout,
         idle_timeout=config.idle_timeout,
         snapshot_timeout=config.snapshot_timeout,
+        heartbeat=config.heartbeat or 0.0,
     )
 
 

@@ -203,3 +203,59 @@ def test_slow_replica_is_cut_off_and_recovers() -> None:
     finally:
         srv.stop_in_thread()
     assert replica.reconnects >= 1
+
+
+def test_a_connection_that_goes_silent_is_dropped_and_resumed() -> None:
+    """§4.3: the server's hello says it sends a heartbeat every 0.2 s to a quiet
+    subscriber. When the connection goes silent with no reset (a partition: the proxy
+    drops what the server sends and closes nothing), the replica takes it for dead
+    after three periods and a second, and resumes on a new connection with what it
+    missed. Before, it stayed "live" on the dead connection forever, its data stale."""
+    srv = Server(store="memory", http_port=None, port=0, heartbeat=0.2).start_in_thread()
+    proxy = CuttingProxy(srv.port)
+    statuses: list[tuple[str, str]] = []
+
+    async def body(replica: Replica) -> None:
+        await replica.wait_synced()
+        await until(lambda: replica.status == "live", "live")
+        proxy.freeze()
+        await asyncio.sleep(0.3)
+        srv.put("c", "k1", "while silent")
+        await until(lambda: replica.reconnects >= 1, "a reconnection")
+        await until(lambda: replica.snapshot().get("c", {}).get("k1") == "while silent", "k1")
+
+    try:
+        srv.put("c", "k0", "before")
+        replica = run_replica(
+            f"tcp://127.0.0.1:{proxy.port}",
+            body,
+            on_status=lambda status, detail: statuses.append((status, detail)),
+        )
+    finally:
+        proxy.close()
+        srv.stop_in_thread()
+    assert replica.full_syncs == 1
+    assert replica.resumes == 1  # it missed nothing: the log had it
+    assert replica.snapshot() == {"c": {"k0": "before", "k1": "while silent"}}
+    (detail,) = [d for s, d in statuses if s == "reconnecting"]
+    assert "for 1.6 s (no change, no heartbeat): taking the connection for dead" in detail
+
+
+def test_a_quiet_connection_with_heartbeats_is_not_dropped() -> None:
+    """Nothing published for 2 s, heartbeats every 0.2 s: the replica stays on its
+    connection. With silence_timeout=None it never checks."""
+    srv = Server(store="memory", http_port=None, port=0, heartbeat=0.2).start_in_thread()
+
+    async def body(replica: Replica) -> None:
+        await replica.wait_synced()
+        await asyncio.sleep(2.0)
+
+    try:
+        replica = run_replica(f"tcp://127.0.0.1:{srv.port}", body)
+        unchecked = run_replica(f"tcp://127.0.0.1:{srv.port}", body, silence_timeout=None)
+    finally:
+        srv.stop_in_thread()
+    assert replica.reconnects == 0
+    assert unchecked.reconnects == 0
+    with pytest.raises(ValueError, match="silence_timeout must be > 0"):
+        Replica("tcp://127.0.0.1:8989", silence_timeout=0)

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from statecast.core.protocol import Change
+from statecast.core.session import Limits
 from tests.peer import Peer, by_type, new_engine, publish
 
 
@@ -22,6 +23,13 @@ def test_hello_first() -> None:
         "epoch": engine.epoch,
         "seq": 1,
     }
+
+
+def test_hello_says_the_heartbeat_period() -> None:
+    """§2, §4.3: with heartbeats on, the hello says how often, so that a client can tell
+    a connection that went silent; with them off, the field is left out (above)."""
+    (hello,) = Peer(new_engine(), limits=Limits(heartbeat=10.0)).frames()
+    assert hello["heartbeat"] == 10.0
 
 
 def test_sync_streams_in_steps_and_ends_with_count() -> None:

@@ -20,6 +20,12 @@ it (:meth:`Replica.seq_of`, :meth:`Replica.get_with_seq`): what a publish gives 
 ``if_seq`` for a read-modify-write (§3.3.2). Snapshots, changes, resumes and
 conflated frames all carry that seq (§3.9), so it stays exact through each.
 
+A connection that dies without a reset (a server host that vanished, a network
+partition) is noticed by silence: the server's ``hello`` says how often it sends a
+heartbeat to a quiet subscriber (§2, §4.3), and after ``silence_timeout`` with no byte
+from it (by default three heartbeat periods and a second) the replica drops the
+connection and resumes on a new one.
+
 With ``token_provider=`` every (re)connection authenticates with a fresh token, and
 the client refreshes it on the live connection before it expires; a connection closed
 with ``token_expired`` or ``unauthorized`` reconnects with a fresh one. With a static
@@ -56,6 +62,7 @@ from statecast.core.frames import (
     ErrorFrame,
     Frame,
     Heartbeat,
+    Hello,
     Record,
     SnapshotBegin,
     SnapshotEnd,
@@ -122,6 +129,7 @@ class Replica:
         token: str | None = None,
         token_provider: TokenProvider | None = None,
         connect_timeout: float = 10.0,
+        silence_timeout: float | Literal["auto"] | None = "auto",
         min_backoff: float = 0.1,
         max_backoff: float = 10.0,
         on_change: Callable[[ChangeFrame], None] | None = None,
@@ -150,6 +158,11 @@ class Replica:
         self._token = token
         self._token_provider = token_provider
         self.connect_timeout = connect_timeout
+        # §4.3: seconds with no byte from the server after which a connection counts as
+        # dead; "auto": from the hello's heartbeat period; None: never.
+        if silence_timeout is not None and silence_timeout != "auto" and silence_timeout <= 0:
+            raise ValueError(f"silence_timeout must be > 0 seconds, not {silence_timeout}")
+        self.silence_timeout = silence_timeout
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.on_change = on_change
@@ -273,30 +286,9 @@ class Replica:
             )
             self._client = client
             reason = ""
+            silent: list[str] = []  # why the watchdog closed the connection
             try:
-                self._set_status("connecting", self.url)
-                hello = await client.connect()
-                self._authed = client.authed
-                self._view = _view_of(client.authed)
-                self._filtered = (
-                    self.collections is not None
-                    or bool(self.where)
-                    or self.conflate is not None
-                    or _token_filters(client.authed)
-                )
-                self._degraded = False
-                if self.seq >= 0 and hello.epoch == self.epoch and self._view == self._synced_view:
-                    stream = await self._resume(client)
-                else:
-                    if self.seq >= 0 and hello.epoch != self.epoch:
-                        log.info("server has a new epoch (%s): full sync", hello.epoch)
-                    elif self.seq >= 0:
-                        log.info("the access token grants another view: full sync")
-                    stream = None
-                if stream is None:
-                    stream = self._full_sync(client)
-                failover.succeeded()
-                await self._follow(stream)
+                await self._connection(client, failover, silent)
                 reason = "the server closed the connection"
             except Unauthorized as exc:
                 reason = f"{exc.code}: {exc}"
@@ -317,6 +309,8 @@ class Replica:
             finally:
                 await client.close()
                 self._client = None
+            if silent:
+                reason = silent[0]
             if self._stopping:
                 break
             delay = failover.failed()
@@ -324,6 +318,70 @@ class Replica:
             self.reconnects += 1
             self._set_status("reconnecting", f"{reason}; reconnecting in {delay:.1f}s")
             await asyncio.sleep(delay)
+
+    async def _connection(self, client: Client, failover: Failover, silent: list[str]) -> None:
+        """One connection: hello, resume or full sync, then follow until it ends; a
+        watchdog closes it when the server goes silent (§4.3)."""
+        self._set_status("connecting", self.url)
+        hello = await client.connect()
+        silence = self._silence_of(hello)
+        watchdog = None
+        if silence is not None:
+            watchdog = asyncio.get_running_loop().create_task(
+                self._watch(client, silence, silent), name="statecast-replica-watchdog"
+            )
+        try:
+            self._authed = client.authed
+            self._view = _view_of(client.authed)
+            self._filtered = (
+                self.collections is not None
+                or bool(self.where)
+                or self.conflate is not None
+                or _token_filters(client.authed)
+            )
+            self._degraded = False
+            if self.seq >= 0 and hello.epoch == self.epoch and self._view == self._synced_view:
+                stream = await self._resume(client)
+            else:
+                if self.seq >= 0 and hello.epoch != self.epoch:
+                    log.info("server has a new epoch (%s): full sync", hello.epoch)
+                elif self.seq >= 0:
+                    log.info("the access token grants another view: full sync")
+                stream = None
+            if stream is None:
+                stream = self._full_sync(client)
+            failover.succeeded()
+            await self._follow(stream)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
+
+    def _silence_of(self, hello: Hello) -> float | None:
+        """Seconds of silence after which this connection counts as dead (§4.3)."""
+        if self.silence_timeout != "auto":
+            return self.silence_timeout
+        if not hello.heartbeat or hello.heartbeat <= 0:
+            return None  # the server sends no heartbeats: silence says nothing
+        return 3 * hello.heartbeat + 1.0
+
+    async def _watch(self, client: Client, silence: float, silent: list[str]) -> None:
+        """Close ``client`` once it has received nothing for ``silence`` seconds."""
+        loop = asyncio.get_running_loop()
+        seen, since = client.bytes_received, loop.time()
+        while True:
+            await asyncio.sleep(min(silence / 4, 1.0))
+            if client.bytes_received != seen:
+                seen, since = client.bytes_received, loop.time()
+            elif loop.time() - since >= silence:
+                silent.append(
+                    f"nothing from {client.url} for {silence:g} s (no change, no heartbeat): "
+                    "taking the connection for dead"
+                )
+                log.warning("%s", silent[0])
+                await client.close()
+                return
 
     async def _resume(self, client: Client) -> AsyncIterator[Frame] | None:
         try:

@@ -57,7 +57,7 @@ PROTOCOL_VERSION: Final = 1
 RequestId: TypeAlias = int | str | None
 
 
-class Hello(msgspec.Struct, tag_field="type", tag="hello"):
+class Hello(msgspec.Struct, tag_field="type", tag="hello", omit_defaults=True):
     """§2: the first frame on every connection."""
 
     server: str
@@ -65,6 +65,9 @@ class Hello(msgspec.Struct, tag_field="type", tag="hello"):
     protocol: int
     epoch: str
     seq: int
+    # §4.3: seconds of silence after which a subscribed connection gets a heartbeat
+    # (None, omitted: none are sent), so that a client can tell a dead connection.
+    heartbeat: float | None = None
 
 
 class SnapshotBegin(msgspec.Struct, tag_field="type", tag="snapshot_begin", omit_defaults=True):

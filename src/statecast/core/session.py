@@ -164,6 +164,7 @@ class Limits:
     request_timeout: float | None = None  # seconds to finish a request line once begun
     idle_timeout: float | None = None  # silent, with no subscription: closed
     snapshot_timeout: float | None = None  # a snapshot not read from this long: cut
+    heartbeat: float = 0.0  # §4.3: told in the hello (the transports send them); 0: none
 
 
 def admit_publish(
@@ -308,7 +309,16 @@ class Session:
         self._subscriber: Subscriber = subscriber
         self._reader = LineReader(limits.max_line)
         self._out: list[bytes] = [
-            encode(Hello("statecast", version, PROTOCOL_VERSION, engine.epoch, engine.seq))
+            encode(
+                Hello(
+                    "statecast",
+                    version,
+                    PROTOCOL_VERSION,
+                    engine.epoch,
+                    engine.seq,
+                    limits.heartbeat or None,
+                )
+            )
         ]  # §2
         self._stream: _Stream | None = None
         self._live_requested = False  # §3.2: at most one live subscription
