@@ -316,6 +316,8 @@ class Server:
         self._store.flush(lambda: committed.set_result(None))
         await committed  # every publish received is committed (or failed) and acked
         self._engine.fanout.flush()
+        # §3.9: conflated subscribers get the newest state now, not at their next tick.
+        self._engine.fanout.emit_conflated()
         for conn in self.connections:
             conn.shutdown()
         if self.connections:

@@ -502,6 +502,10 @@ class Session:
         """§8: stop streaming, say bye, and ask to be closed."""
         if self.closed or self.closing:
             return
+        if self.degraded:
+            # §7: held as a slow consumer: what changed meanwhile goes out before bye,
+            # like every other change acked before the shutdown.
+            self.restore()
         self._release()
         self._out.append(encode(Bye("shutdown")))
         self.closing = True
