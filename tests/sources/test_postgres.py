@@ -843,7 +843,9 @@ def test_a_restart_resumes_from_the_slot_under_the_same_epoch(
     Writer.schema(db, 10)
     with serving(db, tables="orders,counters", **lasting) as server:
         db.execute("UPDATE counters SET n = 11", "DELETE FROM orders WHERE marker = 1")
+        # Two transactions: wait for both before taking the seq to resume from.
         wait_same(server, "counters", lambda: db.rows("counters", by_id))
+        wait_same(server, "orders", lambda: db.rows("orders", by_id))
         epoch, seq = server.epoch, server.seq
     # While statecast is away.
     db.execute(
