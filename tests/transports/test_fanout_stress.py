@@ -713,6 +713,7 @@ def test_sigterm_mid_round_every_plain_subscriber_gets_every_acked_change(
 
     try:
         asyncio.run(main())
+        srv.p.wait(TIMEOUT * 3)  # it is shutting down already: a second SIGTERM would kill it
         status, out = srv.stop()
         assert status == 0, out
     finally:
