@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import msgspec
 import pytest
 
 from statecast.cli import commands
+from tests.cli.fakes import HELLO, fake_server
 from tests.helpers import CMD, TIMEOUT, LineClient, ServeProcess, frames_of, free_port
 
 
@@ -196,34 +195,8 @@ def test_publish_usage_errors(server: ServeProcess) -> None:
 @pytest.fixture
 def silent_server() -> Iterator[int]:
     """A TCP port whose server sends a valid hello, then reads and answers nothing."""
-
-    hello = (
-        b'{"type":"hello","server":"statecast","version":"0","protocol":1,"epoch":"e","seq":0}\n'
-    )
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            conn.sendall(hello)
-            held.append(conn)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield int(listener.getsockname()[1])
-    finally:
-        stop.set()
-        t.join()
-        for conn in held:
-            conn.close()
-        listener.close()
+    with fake_server(lambda conn: conn.sendall(HELLO)) as port:
+        yield port
 
 
 @pytest.mark.parametrize("command", ["stats", "sync"])

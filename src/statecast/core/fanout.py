@@ -442,8 +442,8 @@ class Fanout:
         return wait
 
     def flush(self) -> None:
-        """Seal everything queued and write it to every subscriber, now (a snapshot or
-        a join needs it sealed; shutdown needs it written)."""
+        """Seal everything queued and write it to every subscriber, now (shutdown, §8;
+        a snapshot or a join only needs it sealed: :meth:`seal`)."""
         if self._pending:
             self._seal(None)
         self._write(None, None)
