@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install browser services demo cluster-demo serve test lint typecheck pytest bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/statecast/_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

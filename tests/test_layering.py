@@ -33,6 +33,7 @@ CORE = [
     "statecast.core.filters",
     "statecast.core.policy",
     "statecast.core.values",
+    "statecast.core.accel",
 ]
 IO = ["asyncio", "socket", "sqlite3", "aiohttp", "ssl", "selectors"]
 SERVER_SIDE = [

@@ -19,6 +19,7 @@ import msgspec
 
 from statecast import tokens
 from statecast._version import __version__
+from statecast.allocator import tune_malloc
 from statecast.cli import commands as tools
 from statecast.cli import jsoninput, output, pem
 from statecast.cli.demo import TradingDesk
@@ -442,6 +443,7 @@ def run(config: Config) -> int:
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    tune_malloc()  # this process is the server's own (statecast.allocator)
     with asyncio.Runner(loop_factory=lambda: new_event_loop(config.event_loop)) as runner:
         try:
             runner.run(_serve(config))

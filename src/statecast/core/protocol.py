@@ -13,12 +13,14 @@ from typing import Annotated, Any, Final, NamedTuple, TypeAlias, cast
 
 import msgspec
 
+from statecast.core.accel import speedups as _speedups
 from statecast.core.frames import PROTOCOL_VERSION, RequestId
 from statecast.core.values import (
     MAX_DEPTH,
     InvalidValue,
     canonical_value,
     check_text,
+    plain_line,
 )
 from statecast.errors import BadRequest, Conflict
 
@@ -434,7 +436,10 @@ def _check_target(collection: object, key: object, where: str) -> None:
 
 # Collection names seen valid before: most batches write a few collections, so the
 # regular expression runs once per name, not once per change.
-_known_collections: set[str] = set()
+_known_collections: dict[str, str] = {}
+# (A dict of each name to itself: the C fast path hands out the one str object it holds
+# for a name, so that a collection's records share it instead of each keeping its own
+# copy decoded from its request line.)
 
 
 def _check_publish_target(request: PublishRequest, rid: RequestId) -> None:
@@ -478,15 +483,17 @@ def prepare_change(change: Change | Mapping[str, Any], where: str = "change") ->
 def prepare_changes(
     changes: Iterable[Change | Mapping[str, Any]] | Change | Mapping[str, Any] | PublishRequest,
     *,
-    plain: bool = False,
+    line: bytes | None = None,
 ) -> list[PreparedChange]:
     """Validate a whole batch; any invalid change rejects all of it (§3.3).
 
-    ``plain``: the request line the batch came from passed :func:`values.plain_line`
-    (compact printable ASCII, no escapes), so a value only needs its depth checked.
+    ``line``: the request line a :class:`PublishRequest` was decoded from. When it
+    passes :func:`values.plain_line` (compact printable ASCII, no escapes), a value
+    only needs its depth checked; that is tested only when the C fast path
+    (:mod:`statecast.core.accel`) has not settled the batch on its own.
     """
     if isinstance(changes, PublishRequest):
-        return _prepare_request(changes, plain)
+        return _prepare_request(changes, line)
     if isinstance(changes, Change | Mapping):  # one change on its own
         changes = [changes]
     out = [prepare_change(c, f"changes[{i}]") for i, c in enumerate(changes)]
@@ -500,33 +507,42 @@ def prepare_changes(
 _NOT_OPENER: Final = bytes(b for b in range(256) if b not in b"[{\n")
 
 
-def _prepare_request(request: PublishRequest, plain: bool) -> list[PreparedChange]:
+def _prepare_request(request: PublishRequest, line: bytes | None) -> list[PreparedChange]:
     """The hot path of ingest: a publish from the wire (msgspec has checked the types).
 
-    Written with whole-batch operations that run at C speed (``map``, ``zip``, one
-    ``join``, one encode of all the keys) instead of a Python loop over the changes:
-    in CPython one loop iteration that unpacks, tests and builds a tuple costs as much
-    as all of this per change (docs/performance.md has the profile). Whatever it does
-    not settle for the whole batch at once (a delete, a line that is not plain, a
-    missing value, a value with more than MAX_DEPTH opening brackets) goes through
-    :func:`_prepare_each`, which checks one change at a time and names the first that
-    is wrong. The rules are the same on both paths (§3.3, §9).
+    The C version (``_speedups.prepare_plain``) takes the common case: every change an
+    upsert of a known collection, every key printable ASCII, every value canonical as
+    sent. It returns None for anything else, and this function decides.
+
+    The Python version is written with whole-batch operations that run at C speed
+    (``map``, ``zip``, one ``join``, one encode of all the keys) instead of a Python
+    loop over the changes: in CPython one loop iteration that unpacks, tests and
+    builds a tuple costs as much as all of this per change (docs/performance.md has
+    the profile). Whatever it does not settle for the whole batch at once (a delete,
+    a line that is not plain, a missing value, a value with more than MAX_DEPTH
+    opening brackets) goes through :func:`_prepare_each`, which checks one change at
+    a time and names the first that is wrong. The rules are the same on both paths (§3.3, §9).
     """
     changes = request.changes
     rid = request.id
     n = len(changes)
     if not n:
         raise BadRequest("'changes' must not be empty", request_id=rid)
+    if _speedups is not None:
+        fast = _speedups.prepare_plain(changes, _known_collections, MAX_KEY_LENGTH, MAX_DEPTH)
+        if fast is not None:
+            return fast
+    plain = line is not None and plain_line(line)
     # (Comprehensions rather than map(attrgetter): CPython 3.11 specialises their
     # attribute loads, and they come out about twice as fast.)
     names = [c.collection for c in changes]
     keys = [c.key for c in changes]
     known = _known_collections
-    if not known.issuperset(names) or "" in keys or max(map(len, keys)) > MAX_KEY_LENGTH:
+    if not known.keys() >= set(names) or "" in keys or max(map(len, keys)) > MAX_KEY_LENGTH:
         _check_publish_target(request, rid)  # raises, naming the change
         for name in set(names):
             if len(known) < 4096:
-                known.add(name)
+                known[name] = name
     if not plain or True in [c.delete for c in changes]:
         return _prepare_each(request, plain)
     values = [bytes(c.value) for c in changes]

@@ -66,7 +66,6 @@ from statecast.core.protocol import (
     validate_collections,
 )
 from statecast.core.state import Record, Snapshot
-from statecast.core.values import plain_line
 from statecast.core.view import View
 from statecast.errors import (
     BadRequest,
@@ -168,12 +167,17 @@ class Limits:
 
 
 def admit_publish(
-    request: PublishRequest, grant: Grant, limits: Limits, engine: Engine, *, plain: bool = False
+    request: PublishRequest,
+    grant: Grant,
+    limits: Limits,
+    engine: Engine,
+    *,
+    line: bytes | None = None,
 ) -> Prepared:
     """§3.3, §3.8, §9: a publish's batch (with its if_seq conditions and idempotency
     key), once the grant allows every collection it writes and it is within the
     limits; raises (nothing applied) otherwise. Every transport's publish goes
-    through here."""
+    through here. ``line``: the request line it was decoded from, if any."""
     rid = request.id
     if limits.max_changes is not None and len(request.changes) > limits.max_changes:
         engine.limit_hits["max_changes"] += 1
@@ -184,7 +188,7 @@ def admit_publish(
     grant.check_publish((c.collection for c in request.changes), rid)
     if engine.read_only:  # collections that follow a source (docs/postgres.md)
         engine.check_writable((c.collection for c in request.changes), rid)
-    batch = prepare_changes(request, plain=plain)
+    batch = prepare_changes(request, line=line)
     if limits.max_value is not None:
         for i, (_, _, _, value) in enumerate(batch):
             if value is not None and len(value) > limits.max_value:
@@ -606,7 +610,7 @@ class Session:
             if self.grant is None:
                 raise self._unauthenticated(rid)
             if isinstance(request, PublishRequest):
-                self._publish(request, plain_line(line))
+                self._publish(request, line)
             elif isinstance(request, SyncRequest):
                 self._sync(request)
             elif isinstance(request, SubscribeRequest):
@@ -687,11 +691,11 @@ class Session:
             raise BadRequest("this server does not expose stats", request_id=rid)
         self._out.append(encode(Stats(**self._stats(), id=rid)))
 
-    def _publish(self, request: PublishRequest, plain: bool) -> None:
+    def _publish(self, request: PublishRequest, line: bytes) -> None:
         """§3.3: the ack comes once the store has committed the batch."""
         rid = request.id
         assert self.grant is not None
-        prepared = admit_publish(request, self.grant, self._limits, self._engine, plain=plain)
+        prepared = admit_publish(request, self.grant, self._limits, self._engine, line=line)
 
         def done(result: int | ProtocolError) -> None:
             self.acks_pending -= 1
@@ -829,13 +833,17 @@ class Session:
                 "read it faster, or sync again"
             )
         self._progress = self._monotonic()
-        lines = snap.read(max_bytes)
-        if st.view.where is not None:
+        if st.view.where is None:
+            blob, count = snap.read_joined(max_bytes)
+            if count:
+                st.sent += count
+                self._out.append(blob)
+        else:
             accepts = st.view.accepts_line
-            lines = [ln for ln in lines if accepts(ln)]
-        if lines:
-            st.sent += len(lines)
-            self._out.append(b"".join(lines))
+            lines = [ln for ln in snap.read(max_bytes) if accepts(ln)]
+            if lines:
+                st.sent += len(lines)
+                self._out.append(b"".join(lines))
         if not snap.done:
             return
         conflate = self._conflate if st.live else None

@@ -28,6 +28,7 @@ from operator import attrgetter
 
 import msgspec
 
+from statecast.core.accel import speedups as _speedups
 from statecast.core.frames import RECORD_LINE, change_line_from_record_line, delete_line
 from statecast.core.protocol import PreparedChange
 
@@ -83,7 +84,19 @@ class Record(msgspec.Struct, gc=False):
 
 def encode_batch(batch: Sequence[PreparedChange], first_seq: int) -> list[Record]:
     """Give a validated batch consecutive seqs from ``first_seq`` and encode each
-    change's frame, once. Pure: any thread may call it (a store's writer does)."""
+    change's frame, once. Pure: any thread may call it (a store's writer does).
+
+    Runs as C (``_speedups.encode_records``, :mod:`statecast.core.accel`) when that is
+    built, for seqs below 2**63; :func:`encode_batch_py` is the same in Python."""
+    if _speedups is not None:
+        records = _speedups.encode_records(batch, first_seq, Record, RECORD_LINE, delete_line)
+        if records is not None:
+            return records
+    return encode_batch_py(batch, first_seq)
+
+
+def encode_batch_py(batch: Sequence[PreparedChange], first_seq: int) -> list[Record]:
+    """:func:`encode_batch` in Python (the reference for the C version)."""
     out: list[Record] = []
     append = out.append
     seq = first_seq - 1
@@ -221,7 +234,13 @@ class State:
         protect = bool(self._open)
         collections = self.collections
         coll: Collection | None = None
-        for rec in records:
+        todo: Iterable[Record] = records
+        if _speedups is not None and not protect and isinstance(records, list):
+            # C: the same loop for the upserts up to the first delete (accel).
+            done = _speedups.install_upserts(records, collections, Collection)
+            if done:
+                todo = itertools.islice(records, done, None)
+        for rec in todo:
             name = rec.collection
             if coll is None or coll.name != name:
                 coll = collections.get(name)
@@ -445,6 +464,57 @@ class Snapshot:
         if self._i >= len(colls):
             self.close()
         return lines
+
+    def read_joined(self, max_bytes: int) -> tuple[bytes, int]:
+        """:meth:`read`, joined: the next frames as one bytes object, and how many.
+
+        With the C speedups (:mod:`statecast.core.accel`) the frames are copied
+        straight from each collection's ``lines`` into the result
+        (``_speedups.join_lines``), in one pass over their lengths and one copy;
+        :meth:`read` followed by ``b"".join`` takes four (a slice, ``sum(map(len))``,
+        and the join's own two). A chunk that holds a record newer than S or a
+        tombstone is read through its versions, as :meth:`read` does."""
+        if _speedups is None:
+            lines = self.read(max_bytes)
+            return b"".join(lines), len(lines)
+        join = _speedups.join_lines
+        parts: list[bytes] = []
+        state = self._state
+        if state is None:
+            return b"", 0
+        size = count = 0
+        seq = self.seq
+        colls, ends = self._colls, self._ends
+        while self._i < len(colls):
+            coll = colls[self._i]
+            end = ends[self._i]
+            pos = self._pos
+            # Nothing installed since S and no tombstone: every line is the frame at S.
+            slots = None if state.seq == seq and not coll.tombstones else coll.slots
+            while pos < end and size < max_bytes:
+                blob, stop = join(coll.lines, slots, pos, end, max_bytes - size, seq)
+                if stop > pos:
+                    parts.append(blob)
+                    size += len(blob)
+                    count += stop - pos
+                    pos = stop
+                else:  # the slot at pos is newer than S or a tombstone
+                    stop = min(end, pos + _SLICE)
+                    old: list[bytes] = []
+                    size += self._read_versions(coll.slots[pos:stop], old)
+                    parts += old
+                    count += len(old)
+                    pos = stop
+            self._pos = pos
+            if pos >= end:
+                self._i += 1
+                self._pos = 0
+            if size >= max_bytes:
+                break
+        self.count += count
+        if self._i >= len(colls):
+            self.close()
+        return (parts[0] if len(parts) == 1 else b"".join(parts)), count
 
     def _read_versions(self, chunk: list[Record], lines: list[bytes]) -> int:
         """Append to ``lines`` the frames of ``chunk`` as it was at S, one slot at a

@@ -127,12 +127,14 @@ class _Handlers:
             resp = web.StreamResponse(headers=headers)
             await resp.prepare(request)
             while not snap.done:
-                lines = snap.read(STREAM_STEP)
-                if view.where is not None:
-                    lines = [ln for ln in lines if view.accepts_line(ln)]
-                if lines:
-                    sent += len(lines)
-                    await resp.write(b"".join(lines))  # waits while the client is slow
+                if view.where is None:
+                    blob, count = snap.read_joined(STREAM_STEP)
+                else:
+                    lines = [ln for ln in snap.read(STREAM_STEP) if view.accepts_line(ln)]
+                    blob, count = b"".join(lines), len(lines)
+                if count:
+                    sent += count
+                    await resp.write(blob)  # waits while the client is slow
                 # One step a loop turn, like every stream (§7): the write above returns
                 # at once while the socket takes it, and a filter may match nothing.
                 await asyncio.sleep(0)
