@@ -34,7 +34,7 @@ import msgspec
 import pytest
 
 from statecast import Change, Replica, Server
-from tests.helpers import TIMEOUT, LineClient, ServeProcess, wait_for
+from tests.helpers import TIMEOUT, LineClient, ServeProcess, frames_of, wait_for
 
 Frame = dict[str, Any]
 MiB = 1 << 20
@@ -1796,4 +1796,39 @@ def test_a_number_out_of_range_does_not_break_filtered_views(
     finally:
         plain.close()
         filtered.close()
+    assert_clean_log(caplog)
+
+
+def test_request_timeout_leaves_a_websocket_that_sent_requests_open(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """--request-timeout times HTTP requests, not a WebSocket's frames: a WebSocket
+    that subscribed and then pings now and then stays open well past the timeout and
+    gets its changes (it used to be closed request_timeout seconds after it first sent
+    anything, with no frame: CI caught it on a slow run of the fan-out stress test)."""
+    caplog.set_level(logging.INFO)
+    s = Server(
+        store="memory", port=0, http_port=0, heartbeat=None, request_timeout=1.0
+    ).start_in_thread()
+    try:
+
+        async def main() -> list[str]:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.ws_connect(http_base(s) + "/ws") as ws,
+            ):
+                assert frames_of((await ws.receive(TIMEOUT)).data.encode())[0]["type"] == "hello"
+                await ws.send_str('{"op":"subscribe"}')
+                got = [f["type"] for f in frames_of((await ws.receive(TIMEOUT)).data.encode())]
+                for i in range(6):  # 3 s: three request timeouts
+                    await asyncio.sleep(0.5)
+                    await ws.send_str(f'{{"op":"ping","id":{i}}}')
+                    got += [f["type"] for f in frames_of((await ws.receive(TIMEOUT)).data.encode())]
+                s.publish([Change("c", "k", value=1)])
+                got += [f["type"] for f in frames_of((await ws.receive(TIMEOUT)).data.encode())]
+                return got
+
+        assert asyncio.run(main()) == ["subscribed", *["pong"] * 6, "change"]
+    finally:
+        s.stop_in_thread(timeout=30)
     assert_clean_log(caplog)

@@ -297,11 +297,25 @@ class _TimedRequestHandler(RequestHandler):
     begun: float | None = None
 
     def data_received(self, data: bytes) -> None:
+        # Once upgraded (a WebSocket), what comes is frames for the WebSocket's own
+        # reader, not requests: they are not timed here (a session times its own
+        # requests, §7). Timing them left ``begun`` set for good, since no HTTP head
+        # ever completes again, and closed every WebSocket that had sent anything
+        # ``request_timeout`` seconds later.
+        if self._upgraded_here():
+            super().data_received(data)
+            return
         if self.begun is None:
             self.begun = time.monotonic()
         super().data_received(data)
-        if getattr(self, "_messages", None):  # the request's head is complete
-            self.begun = None
+        if getattr(self, "_messages", None) or self._upgraded_here():
+            self.begun = None  # the request's head is complete
+
+    def _upgraded_here(self) -> bool:
+        """Whether the connection now carries another protocol (aiohttp's own flags)."""
+        return bool(getattr(self, "_upgraded", False)) or (
+            getattr(self, "_payload_parser", None) is not None
+        )
 
 
 class TimedServer(web.Server):
