@@ -1,20 +1,30 @@
 /*
- * statecast._speedups: C versions of the two loops of the publish hot path.
+ * statecast._speedups: C versions of the loops that ingest and a snapshot run once
+ * per change or per record.
  *
  * Why C, and why here: after every whole-batch trick CPython offers (docs/performance.md,
  * "In-memory ingest: where the time goes per change"), ingest was bound by one Python
  * loop iteration per change in each of these steps: checking a value is canonical (§9),
- * spelling its key as JSON, building its record frame (§4.1) and its Record. No library
- * does this job: it is statecast's own frame layout and its own §9 rules. Each function
- * here is the exact twin of a Python function that stays the reference and the fallback:
+ * spelling its key as JSON, building its record frame (§4.1) and its Record, installing
+ * it. No library does this job: it is statecast's own frame layout, state layout and §9
+ * rules. Each function here is the exact twin of Python code that stays the reference
+ * and the fallback:
  *
- *   prepare_plain   <-> statecast.core.protocol._prepare_request (its fast path)
- *   encode_records  <-> statecast.core.state.encode_batch
+ *   prepare_plain    <-> statecast.core.protocol._prepare_request (its fast path)
+ *   encode_records   <-> statecast.core.state.encode_batch_py
+ *   install_upserts  <-> the loop of statecast.core.state.State.install (upserts, no
+ *                        snapshot open)
+ *   join_lines       <-> Snapshot.read + b"".join (Snapshot.read_joined)
  *
- * prepare_plain only ever accepts the common case (every change an upsert of a known
- * collection, every key printable ASCII, every value canonical as sent) and returns None
- * for anything else, so the Python code, with its error messages, decides every other
- * case. tests/core/test_speedups.py holds the two side by side (Hypothesis).
+ * Each accepts only what it can do exactly as Python does, and hands the rest back
+ * (None, or how far it got): prepare_plain takes the common case only (every change an
+ * upsert of a known collection, every key printable ASCII, every value canonical as
+ * sent), so the Python code, with its error messages, decides every other case.
+ * tests/core/test_speedups.py and tests/core/test_state.py hold each to its twin.
+ *
+ * Python code may run inside some loops here (a property, collection_type()): those
+ * walk a tuple copy of their list (join_lines runs none). The type caches hold strong
+ * references.
  *
  * Without a compiler the package installs without this module and runs the Python code
  * (statecast.core.accel); STATECAST_NO_SPEEDUPS=1 makes it do so on purpose.
