@@ -454,15 +454,10 @@ class Snapshot:
                 else:
                     size += self._read_versions(slots[pos:stop], lines)
                 pos = stop
-            self._pos = pos
-            if pos >= end:
-                self._i += 1
-                self._pos = 0
+            self._move_to(pos, end)
             if size >= max_bytes:
                 break
-        self.count += len(lines)
-        if self._i >= len(colls):
-            self.close()
+        self._took(len(lines))
         return lines
 
     def read_joined(self, max_bytes: int) -> tuple[bytes, int]:
@@ -505,16 +500,26 @@ class Snapshot:
                     parts += old
                     count += len(old)
                     pos = stop
-            self._pos = pos
-            if pos >= end:
-                self._i += 1
-                self._pos = 0
+            self._move_to(pos, end)
             if size >= max_bytes:
                 break
-        self.count += count
-        if self._i >= len(colls):
-            self.close()
+        self._took(count)
         return (parts[0] if len(parts) == 1 else b"".join(parts)), count
+
+    def _move_to(self, pos: int, end: int) -> None:
+        """The cursor to ``pos`` in the current collection; past its ``end``, to the
+        start of the next one."""
+        if pos >= end:
+            self._i += 1
+            self._pos = 0
+        else:
+            self._pos = pos
+
+    def _took(self, n: int) -> None:
+        """Count ``n`` more frames read; close once every collection is read."""
+        self.count += n
+        if self._i >= len(self._colls):
+            self.close()
 
     def _read_versions(self, chunk: list[Record], lines: list[bytes]) -> int:
         """Append to ``lines`` the frames of ``chunk`` as it was at S, one slot at a
