@@ -30,6 +30,7 @@ from aiohttp import web
 
 from statecast._version import __version__
 from statecast.config import Config
+from statecast.core import accel
 from statecast.core.engine import Engine
 from statecast.core.fanout import Subscriber
 from statecast.core.pacing import FlushPacer
@@ -225,7 +226,7 @@ class Server:
         self._serving = True
         warn_if_open(cfg)
         log.info(
-            "statecast %s listening on %s://%s:%d (store %s, seq %d, %d records, epoch %s%s)",
+            "statecast %s listening on %s://%s:%d (store %s, seq %d, %d records, epoch %s%s%s)",
             self.version,
             "tls" if self.ssl else "tcp",
             cfg.host,
@@ -235,6 +236,8 @@ class Server:
             len(store.state),
             store.epoch,
             ", access tokens required" if self.verifier else "",
+            # About half the ingest rate (docs/architecture.md): worth a word at start.
+            f", no C speedups: {accel.why_not}" if accel.why_not else "",
         )
 
     @staticmethod

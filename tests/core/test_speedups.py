@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import logging
 import os
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
+from statecast import Server
 from statecast.core import accel, protocol
 from statecast.core import state as state_mod
 from statecast.core.accel import Speedups
@@ -1440,3 +1442,35 @@ def test_ci_builds_the_speedups() -> None:
     assert accel.speedups is not None, (
         "statecast._speedups did not build or import in CI: only the Python code is tested"
     )
+
+
+def test_accel_says_why_the_python_code_runs() -> None:
+    """accel.why_not names the reason when the C is off (the server's start line
+    carries it); with STATECAST_NO_SPEEDUPS=0 or unset it is None where the C is built."""
+    code = "from statecast.core import accel; print(accel.speedups is None, accel.why_not)"
+
+    def run(value: str | None) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "STATECAST_NO_SPEEDUPS"}
+        if value is not None:
+            env["STATECAST_NO_SPEEDUPS"] = value
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+
+    assert run("1") == "True STATECAST_NO_SPEEDUPS is set"
+    if HAVE_C:
+        assert run("0") == "False None"
+        assert run(None) == "False None"
+
+
+def test_the_server_start_line_says_when_the_c_is_off(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="statecast.server")
+    monkeypatch.setattr(accel, "why_not", "STATECAST_NO_SPEEDUPS is set")
+    s = Server(store="memory", port=0, http_port=None, heartbeat=None).start_in_thread()
+    s.stop_in_thread(timeout=30)
+    lines = [r.getMessage() for r in caplog.records if "listening on" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].endswith(", no C speedups: STATECAST_NO_SPEEDUPS is set)")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from statecast.core.protocol import ChangeIn, PreparedChange
     from statecast.core.state import Collection, Record
 
-__all__ = ["Speedups", "speedups"]
+__all__ = ["Speedups", "speedups", "why_not"]
 
 
 class Speedups(Protocol):
@@ -67,15 +67,18 @@ class Speedups(Protocol):
     ) -> tuple[bytes, int]: ...
 
 
-def _load() -> Speedups | None:
+def _load() -> tuple[Speedups | None, str | None]:
     if os.environ.get("STATECAST_NO_SPEEDUPS", "") not in ("", "0"):
-        return None
+        return None, "STATECAST_NO_SPEEDUPS is set"
     try:
         module = importlib.import_module("statecast._speedups")
-    except ImportError:
-        return None
-    return cast("Speedups", module)
+    except ImportError as exc:
+        return None, f"statecast._speedups cannot be imported ({exc})"
+    return cast("Speedups", module), None
 
 
-speedups: Speedups | None = _load()
+speedups: Speedups | None
 """The C module, or None when the Python code runs."""
+why_not: str | None
+"""Why the Python code runs (None: the C does); the server logs it at start."""
+speedups, why_not = _load()
