@@ -281,27 +281,21 @@ def test_every_snapshot_is_exact_at_its_seq_whatever_the_interleaving(
     assert s.open_snapshots == 0
 
 
+# (collection, key, value); a value of None is a delete.
+_CHANGES = st.tuples(
+    st.sampled_from(["a", "b"]),
+    st.sampled_from([f"k{i}" for i in range(12)]),
+    st.one_of(st.none(), st.integers(0, 10**6)),
+)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.lists(
-        st.tuples(
-            st.sampled_from(["a", "b"]),
-            st.sampled_from([f"k{i}" for i in range(12)]),
-            st.one_of(st.none(), st.integers(0, 10**6)),
-        ),
-        max_size=40,
-    ),
+    st.lists(_CHANGES, max_size=40),
     st.lists(
         st.tuples(
             st.integers(1, 400),  # bytes per read
-            st.lists(
-                st.tuples(
-                    st.sampled_from(["a", "b"]),
-                    st.sampled_from([f"k{i}" for i in range(12)]),
-                    st.one_of(st.none(), st.integers(0, 10**6)),
-                ),
-                max_size=4,
-            ),
+            st.lists(_CHANGES, max_size=4),
         ),
         max_size=60,
     ),
